@@ -1,0 +1,67 @@
+"""The control plane's ASGI app: ``create_app(settings)`` builds it; its lifespan runs the platform."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from control_plane.api import apps, auth, deployments, env, logs, tokens
+from control_plane.config import Settings
+from control_plane.errors import APIError, api_error_handler
+from control_plane.platform import Platform
+from dashboard.routes import router as dashboard_router
+
+
+def create_app(
+    settings: Settings,
+    platform: Platform | None = None,
+    on_started: Callable[[Platform], None] | None = None,
+) -> FastAPI:
+    platform = platform or Platform(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await platform.start()
+        if on_started is not None:
+            on_started(platform)
+        try:
+            yield
+        finally:
+            await platform.stop()
+
+    app = FastAPI(
+        title="fastapi-deploy",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/api/docs",
+        openapi_url="/api/v1/openapi.json",
+        redoc_url=None,
+    )
+    app.state.platform = platform
+    app.add_exception_handler(APIError, api_error_handler)
+    for module in (auth, apps, deployments, logs, env, tokens):
+        app.include_router(module.router, prefix="/api/v1")
+    app.include_router(auth.pages)
+    app.include_router(dashboard_router)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False, response_model=None)
+    def readyz(request: Request) -> dict[str, Any] | JSONResponse:
+        p: Platform = request.app.state.platform
+        try:
+            with p.db.session() as s:
+                s.connection().exec_driver_sql("SELECT 1")
+        except Exception as exc:
+            return JSONResponse({"status": "unavailable", "database": str(exc)}, status_code=503)
+        if not p.ready.is_set():
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return {"status": "ok", "router_port": p.router.port, "apps_serving": len(p.fleet.serving)}
+
+    return app

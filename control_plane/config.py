@@ -1,0 +1,120 @@
+"""The control plane's configuration: one object, resolved once at the edge and passed down."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the control plane needs to run. Build it with :meth:`from_env` (the CLI does)."""
+
+    data_dir: Path = Path("data")
+    """Where the database (SQLite default), archives, builds, environments and logs live."""
+    host: str = "127.0.0.1"
+    """Interface of the API and dashboard."""
+    port: int = 8000
+    router_host: str = "127.0.0.1"
+    """Interface of the edge router that serves the apps."""
+    router_port: int = 8080
+    domain: str = "localhost"
+    """Apps are served at ``http://{slug}.{domain}:{router_port}/``; ``*.localhost`` resolves to loopback."""
+    public_url: str = ""
+    """The API's external base URL (default ``http://{host}:{port}``); used in URLs handed to clients."""
+    apps_public_url: str = ""
+    """Template of an app's URL, ``{slug}`` replaced (default ``http://{slug}.{domain}:{router_port}/``)."""
+    database_url: str = ""
+    """SQLAlchemy URL; empty means SQLite (WAL) at ``data_dir/fastapi-deploy.db``."""
+    admin_token: str = ""
+    """If set on first start, becomes the admin's API token; otherwise one is generated and printed once."""
+    backend: str = "process"
+    app_python: str = sys.executable
+    """Interpreter the apps' environments are built for (process backend)."""
+    build_timeout: float = 600.0
+    """Seconds a dependency install may take before ``building_image_failed_timeout``."""
+    verify_timeout: float = 60.0
+    """Seconds a new revision has to finish its lifespan startup and answer its health path."""
+    drain_timeout: float = 30.0
+    """Seconds an old revision may keep finishing in-flight requests after the switch."""
+    max_archive_bytes: int = 100 * 1024 * 1024
+    """Largest upload accepted (compressed); larger gets 413 / ``extracting_failed_archive_too_large``."""
+    keep_deployments: int = 10
+    """Successful deployments per app whose artifacts are kept for rollback."""
+    log_retention_bytes: int = 20 * 1024 * 1024
+    """Per-app log storage before the oldest segment is dropped."""
+    upload_token_ttl: float = 3600.0
+    """Seconds a storage upload URL stays valid."""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        base = self.public_url or f"http://{self.host}:{self.port}"
+        return base.rstrip("/")
+
+    def app_url(self, slug: str) -> str:
+        if self.apps_public_url:
+            return self.apps_public_url.replace("{slug}", slug)
+        port = "" if self.router_port == 80 else f":{self.router_port}"
+        return f"http://{slug}.{self.domain}{port}/"
+
+    def app_hostname(self, slug: str) -> str:
+        return f"{slug}.{self.domain}".lower()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            url = self.database_url
+            # Accept the common libpq spelling; we use psycopg 3.
+            if url.startswith("postgres://"):
+                url = "postgresql://" + url[len("postgres://") :]
+            if url.startswith("postgresql://"):
+                url = "postgresql+psycopg://" + url[len("postgresql://") :]
+            return url
+        return f"sqlite:///{(self.data_dir / 'fastapi-deploy.db').resolve()}"
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Settings from ``FASTAPI_DEPLOY_*`` variables (and ``DATABASE_URL``), then ``overrides``.
+
+        Overrides whose value is None are ignored, so CLI options can be passed through as they are.
+        """
+        values: dict[str, object] = {
+            "data_dir": Path(_env("FASTAPI_DEPLOY_DATA_DIR", "data")),
+            "host": _env("FASTAPI_DEPLOY_HOST", "127.0.0.1"),
+            "port": int(_env("FASTAPI_DEPLOY_PORT", "8000")),
+            "router_host": _env("FASTAPI_DEPLOY_ROUTER_HOST", "127.0.0.1"),
+            "router_port": int(_env("FASTAPI_DEPLOY_ROUTER_PORT", "8080")),
+            "domain": _env("FASTAPI_DEPLOY_DOMAIN", "localhost"),
+            "public_url": _env("FASTAPI_DEPLOY_PUBLIC_URL", ""),
+            "apps_public_url": _env("FASTAPI_DEPLOY_APPS_URL", ""),
+            "database_url": _env("DATABASE_URL", ""),
+            "admin_token": _env("FASTAPI_DEPLOY_ADMIN_TOKEN", ""),
+            "backend": _env("FASTAPI_DEPLOY_BACKEND", "process"),
+            "app_python": _env("FASTAPI_DEPLOY_APP_PYTHON", sys.executable),
+        }
+        numeric = {
+            "build_timeout": ("FASTAPI_DEPLOY_BUILD_TIMEOUT", float),
+            "verify_timeout": ("FASTAPI_DEPLOY_VERIFY_TIMEOUT", float),
+            "drain_timeout": ("FASTAPI_DEPLOY_DRAIN_TIMEOUT", float),
+            "max_archive_bytes": ("FASTAPI_DEPLOY_MAX_ARCHIVE_BYTES", int),
+            "keep_deployments": ("FASTAPI_DEPLOY_KEEP_DEPLOYMENTS", int),
+            "log_retention_bytes": ("FASTAPI_DEPLOY_LOG_RETENTION_BYTES", int),
+        }
+        for name, (var, conv) in numeric.items():
+            if var in os.environ:
+                values[name] = conv(os.environ[var])
+        known = {f.name for f in fields(cls)}
+        for key, value in overrides.items():
+            if key not in known:
+                raise TypeError(f"unknown setting {key!r}")
+            if value is not None:
+                values[key] = Path(value) if key == "data_dir" else value  # type: ignore[arg-type]
+        settings = cls(**values)  # type: ignore[arg-type]
+        return settings

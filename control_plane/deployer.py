@@ -1,0 +1,365 @@
+"""The deploy pipeline: archive → extract → detect → build environment → start → verify → switch.
+
+One deployment per app runs at a time (a per-app lock); builds share a small semaphore so a burst of
+pushes cannot starve the apps that are serving. Every failure is recorded with the four FastAPI Cloud
+fields and leaves the previous revision serving: the router switches only after the new instances are
+ready. Rollbacks and env redeploys skip extraction and build: they reuse an earlier deployment's
+artifact (its source tree and its content-addressed environment).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+import traceback
+from pathlib import Path
+
+from sqlmodel import col, select
+
+from control_plane.buildlogs import BuildLogs
+from control_plane.config import Settings
+from control_plane.db import Database
+from control_plane.fleet import Fleet, Revision
+from control_plane.models import App, Deployment, EnvVar, utcnow
+from control_plane.secrets import SecretBox
+from control_plane.statuses import TERMINAL
+from control_plane.statuses import DeploymentStatus as S
+from runtime.archive import ExtractLimits, extract_archive
+from runtime.backends.base import InstanceSpec
+from runtime.builder import build_environment, prune_environments
+from runtime.detect import detect_project
+from runtime.errors import RuntimeFailure
+
+log = logging.getLogger("fastapi_deploy.deployer")
+
+
+class Paths:
+    """Where a deployment's files live in the data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir
+        self.deployments = data_dir / "deployments"
+        self.envs = data_dir / "envs"
+        self.instances = data_dir / "instances"
+        self.logs = data_dir / "logs"
+
+    def archive(self, deployment_id: str) -> Path:
+        return self.deployments / deployment_id / "archive"
+
+    def source(self, deployment_id: str) -> Path:
+        return self.deployments / deployment_id / "src"
+
+
+class Deployer:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        fleet: Fleet,
+        buildlogs: BuildLogs,
+        secrets: SecretBox,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.fleet = fleet
+        self.buildlogs = buildlogs
+        self.secrets = secrets
+        self.paths = Paths(settings.data_dir)
+        self._app_locks: dict[str, asyncio.Lock] = {}
+        self._build_slots = asyncio.Semaphore(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- entry points ---------------------------------------------------------------------------
+
+    def submit(self, deployment_id: str) -> None:
+        """Queue a deployment (status ``ready_for_build``) to run in the background."""
+        task = asyncio.get_running_loop().create_task(self._run(deployment_id), name=f"deploy-{deployment_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def restore(self) -> None:
+        """At start-up: bring every app's current revision back, without rebuilding."""
+        apps = await asyncio.to_thread(self._apps_to_restore)
+        for app, dep in apps:
+            try:
+                await self._bring_up(app, dep, restoring=True)
+                log.info("restored %s (deployment %s)", app.slug, dep.id)
+            except Exception as exc:
+                log.error("could not restore app %s: %s", app.slug, exc)
+        # Deployments that were mid-flight when the control plane stopped will never finish.
+        await asyncio.to_thread(self._fail_interrupted)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- the pipeline ---------------------------------------------------------------------------
+
+    async def _run(self, deployment_id: str) -> None:
+        dep = await asyncio.to_thread(self._get, deployment_id)
+        lock = self._app_locks.setdefault(dep.app_id, asyncio.Lock())
+        async with lock:
+            started = time.monotonic()
+            try:
+                if await asyncio.to_thread(self._superseded, dep):
+                    self._log(dep.id, "A newer deployment of this app was queued; skipping this one.")
+                    await self._set(dep.id, S.BUILD_SKIPPED_SUPERSEDED, finished=True)
+                    return
+                app = await asyncio.to_thread(self._get_app, dep.app_id)
+                if dep.kind == "upload":
+                    await self._build(app, dep)
+                else:
+                    await self._reuse(dep)
+                dep = await asyncio.to_thread(self._get, deployment_id)
+                await self._bring_up(app, dep, restoring=False)
+                elapsed = time.monotonic() - started
+                self._log(dep.id, f"Deployment {dep.slug} is live at {self.settings.app_url(app.slug)} ({elapsed:.1f}s)")
+                await self._set(dep.id, S.SUCCESS, finished=True)
+                await asyncio.to_thread(self._retain, app.id)
+            except RuntimeFailure as exc:
+                await self._fail(dep.id, exc.code, exc.title, exc.message, exc.hint)
+            except asyncio.CancelledError:
+                await asyncio.shield(
+                    self._fail(dep.id, S.FAILED, "Interrupted", "The control plane stopped during this deployment.",
+                               "Push again.")
+                )
+                raise
+            except Exception as exc:
+                log.exception("deployment %s failed", deployment_id)
+                self._log(dep.id, "".join(traceback.format_exception(exc)))
+                await self._fail(dep.id, S.FAILED, "Internal error", f"The platform failed: {exc}",
+                                 "This is a bug in fastapi-deploy; the log above has the details.")
+
+    async def _build(self, app: App, dep: Deployment) -> None:
+        src = self.paths.source(dep.id)
+        archive = self.paths.archive(dep.id)
+        await self._set(dep.id, S.EXTRACTING)
+        self._log(dep.id, f"Extracting the upload ({dep.archive_size_bytes / 1024:.1f} KiB)")
+        limits = ExtractLimits(max_archive_bytes=self.settings.max_archive_bytes)
+        result = await asyncio.to_thread(extract_archive, archive, src, limits)
+        self._log(dep.id, f"Extracted {result.files} files ({result.total_bytes / 1024:.1f} KiB)")
+        archive.unlink(missing_ok=True)  # the extracted tree is the artifact; the archive is not kept
+
+        await self._set(dep.id, S.BUILDING_IMAGE)
+        project = await asyncio.to_thread(detect_project, src, app.directory)
+        self._log(dep.id, f"Entrypoint: {project.entrypoint} (dependencies from {project.dependencies.kind})")
+
+        def log_line(line: str) -> None:
+            self._log(dep.id, line)
+
+        async with self._build_slots:
+            env = await asyncio.to_thread(
+                build_environment,
+                project,
+                self.paths.envs,
+                python=self.settings.app_python,
+                log=log_line,
+                timeout=self.settings.build_timeout,
+            )
+        import_dir = project.import_dir.resolve().relative_to(src.resolve())
+        await asyncio.to_thread(self._record_artifact, dep.id, project.entrypoint, str(import_dir), env.key)
+
+    async def _reuse(self, dep: Deployment) -> None:
+        source = await asyncio.to_thread(self._get, dep.source_deployment_id or "")
+        if source.artifact_pruned or not self.paths.source(source.id).is_dir():
+            raise RuntimeFailure(
+                f"The build of deployment {source.slug} is no longer kept.",
+                title="Nothing to roll back to",
+                hint="Push the code again; builds older than the retention are removed.",
+                code=S.DEPLOYING_FAILED,
+            )
+        word = "Rolling back to the build of" if dep.kind == "rollback" else "Redeploying the build of"
+        self._log(dep.id, f"{word} deployment {source.slug} (no rebuild)")
+
+    async def _bring_up(self, app: App, dep: Deployment, *, restoring: bool) -> None:
+        artifact_id = dep.source_deployment_id if dep.kind != "upload" else dep.id
+        artifact = await asyncio.to_thread(self._get, artifact_id or dep.id)
+        src = self.paths.source(artifact.id)
+        env_dir = self.paths.envs / (dep.environment_key or "")
+        if not dep.environment_key or not (env_dir / "bin" / "python").exists() or not src.is_dir():
+            raise RuntimeFailure(
+                "The build of this deployment is missing from the data directory.",
+                title="Build missing",
+                hint="Push the code again to rebuild it.",
+                code=S.DEPLOYING_FAILED,
+            )
+        env_vars = await asyncio.to_thread(self._env_for, app.id)
+        spec = InstanceSpec(
+            app_id=app.id,
+            deployment_id=dep.id,
+            hostname=self.settings.app_hostname(app.slug),
+            python=env_dir / "bin" / "python",
+            entrypoint=dep.entrypoint or "",
+            app_dir=(src / (dep.import_dir or ".")).resolve(),
+            env=env_vars,
+            health_path=app.health_path,
+        )
+        if not restoring:
+            await self._set(dep.id, S.DEPLOYING)
+            count = max(1, app.min_instances)
+            self._log(dep.id, f"Starting {count} instance{'s' if count > 1 else ''}")
+            await self._set(dep.id, S.VERIFYING)
+        instances = await self.fleet.start_instances(spec, max(1, app.min_instances))
+        if not restoring:
+            self._log(dep.id, f"Ready: lifespan finished and {app.health_path} answered on {len(instances)} instance(s)")
+        revision = Revision(
+            app_id=app.id, deployment_id=dep.id, hostname=spec.hostname, spec=spec,
+            desired=max(1, app.min_instances), instances=instances,
+        )
+        await self.fleet.activate(revision)
+        if not restoring:
+            await asyncio.to_thread(self._set_current, app.id, dep.id)
+
+    # -- database helpers (run in threads) -------------------------------------------------------
+
+    def _get(self, deployment_id: str) -> Deployment:
+        with self.db.session() as s:
+            dep = s.get(Deployment, deployment_id)
+            if dep is None:
+                raise RuntimeFailure(f"Deployment {deployment_id} not found.", code=S.FAILED)
+            return dep
+
+    def _get_app(self, app_id: str) -> App:
+        with self.db.session() as s:
+            app = s.get(App, app_id)
+            if app is None:
+                raise RuntimeFailure("The app was deleted.", code=S.FAILED, title="App deleted")
+            return app
+
+    def _superseded(self, dep: Deployment) -> bool:
+        if dep.kind != "upload":
+            return False
+        with self.db.session() as s:
+            newer = s.exec(
+                select(Deployment).where(
+                    Deployment.app_id == dep.app_id,
+                    Deployment.kind == "upload",
+                    Deployment.status == S.READY_FOR_BUILD,
+                    col(Deployment.created_at) > dep.created_at,
+                )
+            ).first()
+            return newer is not None
+
+    async def _set(self, deployment_id: str, status: str, *, finished: bool = False) -> None:
+        def update() -> None:
+            with self.db.session() as s:
+                dep = s.get(Deployment, deployment_id)
+                if dep is None:
+                    return
+                dep.status = status
+                dep.updated_at = utcnow()
+                if finished:
+                    dep.finished_at = dep.updated_at
+                s.add(dep)
+                s.commit()
+
+        await asyncio.to_thread(update)
+        self.buildlogs.notify(deployment_id)
+
+    async def _fail(self, deployment_id: str, code: str, title: str, message: str, hint: str) -> None:
+        self._log(deployment_id, f"{title}: {message}")
+        if hint:
+            self._log(deployment_id, f"Hint: {hint}")
+
+        def update() -> None:
+            with self.db.session() as s:
+                dep = s.get(Deployment, deployment_id)
+                if dep is None:
+                    return
+                dep.status = code if code in S._value2member_map_ else S.FAILED
+                dep.error_code, dep.error_title, dep.error_message, dep.error_hint = code, title, message, hint
+                dep.updated_at = dep.finished_at = utcnow()
+                s.add(dep)
+                s.commit()
+
+        await asyncio.to_thread(update)
+        self.buildlogs.notify(deployment_id)
+
+    def _record_artifact(
+        self, deployment_id: str, entrypoint: str, import_dir: str, env_key: str, source: str | None = None
+    ) -> None:
+        with self.db.session() as s:
+            dep = s.get(Deployment, deployment_id)
+            assert dep is not None
+            dep.entrypoint, dep.import_dir, dep.environment_key = entrypoint, import_dir, env_key
+            if source is not None:
+                dep.source_deployment_id = source
+            s.add(dep)
+            s.commit()
+
+    def _set_current(self, app_id: str, deployment_id: str) -> None:
+        with self.db.session() as s:
+            app = s.get(App, app_id)
+            if app is not None:
+                app.current_deployment_id = deployment_id
+                app.updated_at = utcnow()
+                s.add(app)
+                s.commit()
+
+    def _env_for(self, app_id: str) -> dict[str, str]:
+        with self.db.session() as s:
+            rows = s.exec(select(EnvVar).where(EnvVar.app_id == app_id)).all()
+            return {r.name: self.secrets.decrypt(r.value) for r in rows}
+
+    def _apps_to_restore(self) -> list[tuple[App, Deployment]]:
+        with self.db.session() as s:
+            out = []
+            for app in s.exec(select(App).where(col(App.current_deployment_id).is_not(None))).all():
+                dep = s.get(Deployment, app.current_deployment_id)
+                if dep is not None:
+                    out.append((app, dep))
+            return out
+
+    def _fail_interrupted(self) -> None:
+        with self.db.session() as s:
+            rows = s.exec(
+                select(Deployment).where(
+                    col(Deployment.status).in_([S.EXTRACTING, S.BUILDING, S.BUILDING_IMAGE, S.DEPLOYING, S.VERIFYING,
+                                                S.READY_FOR_BUILD])
+                )
+            ).all()
+            for dep in rows:
+                dep.status = S.FAILED
+                dep.error_code, dep.error_title = S.FAILED, "Interrupted"
+                dep.error_message = "The control plane restarted during this deployment."
+                dep.error_hint = "Push again."
+                dep.finished_at = utcnow()
+                s.add(dep)
+            s.commit()
+
+    def _retain(self, app_id: str) -> None:
+        """Keep the artifacts of the newest ``keep_deployments`` successful uploads (the rollback
+        targets) and whatever serves now; remove the rest, then the environments nothing uses."""
+        with self.db.session() as s:
+            app = s.get(App, app_id)
+            protected: set[str | None] = set()
+            if app is not None and app.current_deployment_id:
+                current = s.get(Deployment, app.current_deployment_id)
+                protected = {app.current_deployment_id, current.source_deployment_id if current else None}
+            uploads = s.exec(
+                select(Deployment)
+                .where(Deployment.app_id == app_id, Deployment.kind == "upload")
+                .where(col(Deployment.artifact_pruned).is_(False))
+                .order_by(col(Deployment.created_at).desc())
+            ).all()
+            kept = 0
+            for dep in uploads:
+                if dep.id in protected or dep.status not in TERMINAL:
+                    continue
+                if dep.status == S.SUCCESS and kept < self.settings.keep_deployments:
+                    kept += 1
+                    continue
+                shutil.rmtree(self.paths.deployments / dep.id, ignore_errors=True)
+                dep.artifact_pruned = True
+                s.add(dep)
+            s.commit()
+            keys = s.exec(
+                select(Deployment.environment_key).where(col(Deployment.artifact_pruned).is_(False))
+            ).all()
+        prune_environments(self.paths.envs, {k for k in keys if k})
+
+    def _log(self, deployment_id: str, message: str) -> None:
+        self.buildlogs.append(deployment_id, message)

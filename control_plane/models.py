@@ -1,0 +1,128 @@
+"""The database tables (SQLModel). Alembic migrations in ``migrations/`` create exactly these."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from datetime import UTC, datetime
+
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def short_slug() -> str:
+    return secrets.token_hex(4)
+
+
+class User(SQLModel, table=True):
+    id: str = Field(default_factory=new_id, primary_key=True)
+    email: str = Field(index=True, unique=True)
+    name: str = ""
+    is_admin: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Team(SQLModel, table=True):
+    id: str = Field(default_factory=new_id, primary_key=True)
+    slug: str = Field(index=True, unique=True)
+    name: str
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Membership(SQLModel, table=True):
+    team_id: str = Field(foreign_key="team.id", primary_key=True)
+    user_id: str = Field(foreign_key="user.id", primary_key=True)
+    role: str = "owner"
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token, stored as its SHA-256 (tokens are 256-bit random: no KDF needed)."""
+
+    id: str = Field(default_factory=new_id, primary_key=True)
+    token_hash: str = Field(index=True, unique=True)
+    kind: str = "user"  # "user" | "deploy"
+    user_id: str | None = Field(default=None, foreign_key="user.id")
+    app_id: str | None = Field(default=None, index=True)
+    name: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+
+class DeviceCode(SQLModel, table=True):
+    """One device-flow login (RFC 8628 style) waiting for approval in the browser."""
+
+    device_code_hash: str = Field(primary_key=True)
+    user_code: str = Field(index=True, unique=True)
+    client_id: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+    approved_user_id: str | None = None
+    denied: bool = False
+    used: bool = False
+
+
+class App(SQLModel, table=True):
+    id: str = Field(default_factory=new_id, primary_key=True)
+    team_id: str = Field(foreign_key="team.id", index=True)
+    slug: str = Field(index=True, unique=True)
+    name: str
+    directory: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    current_deployment_id: str | None = None
+    health_path: str = "/"
+    min_instances: int = 1
+
+
+class Deployment(SQLModel, table=True):
+    id: str = Field(default_factory=new_id, primary_key=True)
+    app_id: str = Field(foreign_key="app.id", index=True)
+    slug: str = Field(default_factory=short_slug)
+    status: str = "waiting_upload"
+    kind: str = "upload"  # "upload" | "rollback" | "redeploy"
+    source_deployment_id: str | None = None
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    updated_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    archive_size_bytes: int = 0
+    upload_token_hash: str | None = None
+    upload_expires_at: datetime | None = None
+    error_code: str | None = None
+    error_title: str | None = None
+    error_message: str | None = None
+    error_hint: str | None = None
+    entrypoint: str | None = None
+    import_dir: str | None = None
+    environment_key: str | None = None
+    artifact_pruned: bool = False
+
+
+class BuildLogLine(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    deployment_id: str = Field(index=True)
+    message: str
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class EnvVar(SQLModel, table=True):
+    app_id: str = Field(foreign_key="app.id", primary_key=True)
+    name: str = Field(primary_key=True)
+    value: str
+    is_secret: bool = False
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Setting(SQLModel, table=True):
+    """Platform-wide key/value state (e.g. whether the admin was bootstrapped)."""
+
+    key: str = Field(primary_key=True)
+    value: str

@@ -1,0 +1,98 @@
+"""The platform: every long-lived part of the control plane, built from Settings, started and stopped
+in order. The FastAPI app holds one in ``app.state.platform``; API handlers reach the parts through it.
+
+    start:  database (migrations) → bootstrap admin → log store → router → backend recovery
+            → restore serving apps → ready
+    stop:   stop accepting deploys → router stops (drains) → instances stop → database closes
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets as pysecrets
+from dataclasses import dataclass
+
+from sqlmodel import select
+
+from control_plane.buildlogs import BuildLogs
+from control_plane.config import Settings
+from control_plane.db import Database
+from control_plane.deployer import Deployer, Paths
+from control_plane.fleet import Fleet
+from control_plane.logstore import LogStore
+from control_plane.models import ApiToken, Membership, Setting, Team, User
+from control_plane.secrets import SecretBox
+from control_plane.security import hash_token, new_token
+from runtime.backends.process import ProcessBackend
+from runtime.router import Router
+
+log = logging.getLogger("fastapi_deploy")
+
+
+@dataclass
+class Bootstrap:
+    """What the first start created; the admin token is only known (and printed) then."""
+
+    admin_email: str
+    admin_token: str | None
+
+
+class Platform:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.paths = Paths(settings.data_dir)
+        for d in (settings.data_dir, self.paths.deployments, self.paths.envs, self.paths.instances):
+            d.mkdir(parents=True, exist_ok=True)
+        self.db = Database(settings.sqlalchemy_url)
+        self.secrets = SecretBox.from_config(settings.data_dir, settings.extra.get("secret_keys", ""))
+        self.logstore = LogStore(self.paths.logs, settings.log_retention_bytes)
+        self.buildlogs = BuildLogs(self.db)
+        self.router = Router()
+        if settings.backend != "process":
+            raise ValueError(f"unknown backend {settings.backend!r} (available: process)")
+        self.backend = ProcessBackend(self.paths.instances, self.logstore.append)
+        self.fleet = Fleet(
+            self.backend, self.router, verify_timeout=settings.verify_timeout, drain_timeout=settings.drain_timeout
+        )
+        self.backend.on_exit = self.fleet.on_exit
+        self.deployer = Deployer(settings, self.db, self.fleet, self.buildlogs, self.secrets)
+        self.bootstrap: Bootstrap | None = None
+        self.ready = asyncio.Event()
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.db.migrate)
+        self.bootstrap = await asyncio.to_thread(self._bootstrap)
+        self.buildlogs.bind(asyncio.get_running_loop())
+        await self.router.start(self.settings.router_host, self.settings.router_port)
+        await self.backend.recover()
+        await self.deployer.restore()
+        self.ready.set()
+
+    async def stop(self) -> None:
+        self.ready.clear()
+        await self.deployer.close()
+        await self.router.stop(timeout=5.0)
+        await self.fleet.close()
+        self.logstore.close()
+        self.db.dispose()
+
+    def _bootstrap(self) -> Bootstrap:
+        """On the first start: the admin user, their team, and their API token."""
+        with self.db.session() as s:
+            done = s.get(Setting, "bootstrapped")
+            admin = s.exec(select(User).where(User.is_admin == True)).first()  # noqa: E712
+            if done is not None and admin is not None:
+                return Bootstrap(admin_email=admin.email, admin_token=None)
+            admin = User(email="admin@localhost", name="Admin", is_admin=True)
+            team = Team(slug="default", name="Default")
+            s.add(admin)
+            s.add(team)
+            s.flush()
+            s.add(Membership(team_id=team.id, user_id=admin.id, role="owner"))
+            raw = self.settings.admin_token or new_token()
+            s.add(ApiToken(token_hash=hash_token(raw), kind="user", user_id=admin.id, name="admin (bootstrap)"))
+            s.add(Setting(key="bootstrapped", value="1"))
+            s.add(Setting(key="instance_id", value=pysecrets.token_hex(8)))
+            s.commit()
+            return Bootstrap(admin_email=admin.email, admin_token=raw)

@@ -1,0 +1,144 @@
+"""The backend protocol: what the control plane needs from anything that runs instances.
+
+Instances move through an explicit state machine; the same vocabulary is used by the API, the logs and
+the dashboard::
+
+    starting ──> warm ──> serving ──> draining ──> stopped
+        │          │         │           │
+        └──────────┴─────────┴───────────┴──> crashed  (the process died without being asked to)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+
+class InstanceState(enum.StrEnum):
+    STARTING = "starting"
+    WARM = "warm"
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+
+
+_ALLOWED: dict[InstanceState, set[InstanceState]] = {
+    InstanceState.STARTING: {InstanceState.WARM, InstanceState.STOPPED, InstanceState.CRASHED},
+    InstanceState.WARM: {InstanceState.SERVING, InstanceState.DRAINING, InstanceState.STOPPED, InstanceState.CRASHED},
+    InstanceState.SERVING: {InstanceState.WARM, InstanceState.DRAINING, InstanceState.STOPPED, InstanceState.CRASHED},
+    InstanceState.DRAINING: {InstanceState.STOPPED, InstanceState.CRASHED},
+    InstanceState.STOPPED: set(),
+    InstanceState.CRASHED: set(),
+}
+
+
+class IllegalTransition(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """What to run: one revision (deployment) of one app."""
+
+    app_id: str
+    deployment_id: str
+    hostname: str
+    """The app's Host name: the health probe sends it, as the router would."""
+    python: Path
+    """The interpreter of the app's built environment."""
+    entrypoint: str
+    """``module:attribute`` of the FastAPI object."""
+    app_dir: Path
+    """Import directory and working directory."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    health_path: str = "/"
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    app_id: str
+    deployment_id: str
+    instance_id: str
+    stream: str  # "stdout" | "stderr" | "platform"
+    timestamp: datetime
+    message: str
+    level: str
+
+
+LogSink = Callable[[LogRecord], None]
+ExitCallback = Callable[["Instance"], None]
+
+
+@dataclass(eq=False)
+class Instance:
+    id: str
+    spec: InstanceSpec
+    state: InstanceState = InstanceState.STARTING
+    host: str = "127.0.0.1"
+    port: int = 0
+    pid: int = 0
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    exit_code: int | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def transition(self, new: InstanceState) -> None:
+        if new == self.state:
+            return
+        if new not in _ALLOWED[self.state]:
+            raise IllegalTransition(f"instance {self.id}: {self.state} -> {new}")
+        self.state = new
+
+    @property
+    def alive(self) -> bool:
+        return self.state not in (InstanceState.STOPPED, InstanceState.CRASHED)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "deployment_id": self.spec.deployment_id,
+            "host": self.host,
+            "port": self.port,
+            "pid": self.pid,
+            "started_at": self.started_at.isoformat(),
+            "exit_code": self.exit_code,
+        }
+
+
+class Backend(Protocol):
+    """Runs instances. Implementations: ``process`` (here), later ``docker`` and ``kubernetes``."""
+
+    name: str
+
+    async def start(self, spec: InstanceSpec, *, timeout: float) -> Instance:
+        """Start one instance and return it *ready*: lifespan startup done, health path answering
+        (status < 500), state ``warm``. Raises :class:`runtime.errors.VerifyError` (with the
+        instance's own output) when it exits or is not ready within ``timeout`` seconds; the
+        instance is stopped by then."""
+        ...
+
+    async def stop(self, instance: Instance, *, timeout: float = 10.0) -> None:
+        """Stop gracefully (SIGTERM, lifespan shutdown), forcefully after ``timeout`` seconds."""
+        ...
+
+    def instances(self) -> list[Instance]:
+        """Every instance not yet stopped or crashed."""
+        ...
+
+    def output_tail(self, instance_id: str, lines: int = 50) -> list[str]:
+        """The last lines an instance printed (kept after it exited)."""
+        ...
+
+    async def recover(self) -> None:
+        """After a control-plane restart: clean up what a previous run left behind."""
+        ...
+
+    async def close(self, *, timeout: float = 10.0) -> None:
+        """Stop every instance."""
+        ...
