@@ -1,0 +1,284 @@
+"""The virtualenv builder, with real uv builds (small pure packages; uv's cache keeps reruns fast)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime import builder
+from runtime.builder import BuiltEnvironment, build_environment, environment_key, prune_environments
+from runtime.detect import Project, detect_project
+from runtime.errors import BuildError, BuildTimeout
+
+PYTHON = sys.executable
+UV = str(Path(sys.executable).parent / "uv")
+APP = "from fastapi import FastAPI\napp = FastAPI()\n"
+PYPROJECT = (
+    '[project]\nname = "demo-app"\nversion = "0.1.0"\nrequires-python = ">=3.11"\ndependencies = ["six"]\n'
+)
+
+
+def project_with(root: Path, files: dict[str, str]) -> Project:
+    for name, text in {"main.py": APP, **files}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return detect_project(root)
+
+
+def python_ok(env: BuiltEnvironment, code: str) -> subprocess.CompletedProcess[str]:
+    # -I and a neutral cwd: only what is installed in the environment can be imported.
+    return subprocess.run([str(env.python), "-I", "-c", code], capture_output=True, text=True, cwd=env.path)
+
+
+def leftovers(envs: Path) -> list[str]:
+    """Everything under envs_dir except lock files."""
+    return sorted(p.name for p in envs.iterdir() if not p.name.endswith(".lock"))
+
+
+def test_requirements_build_then_reuse(tmp_path: Path) -> None:
+    project = project_with(tmp_path / "src", {"requirements.txt": "six\n"})
+    envs = tmp_path / "envs"
+    logs: list[str] = []
+
+    env = build_environment(project, envs, python=PYTHON, log=logs.append)
+
+    assert not env.reused
+    assert env.key == environment_key(project, PYTHON)
+    assert env.path == envs / env.key
+    assert env.python == env.path / "bin" / "python"
+    assert logs[0].startswith(f"New dependencies (key {env.key[:12]}…)")
+    assert "Installing from requirements.txt" in logs
+    assert any("six==" in line for line in logs), logs  # uv's own output was streamed
+    assert "uvicorn is not among the dependencies; installing it to serve the app" in logs
+    check = python_ok(env, "import six, uvicorn, sys; print(sys.prefix)")
+    assert check.returncode == 0, check.stderr
+    assert Path(check.stdout.strip()) == env.path
+    assert leftovers(envs) == [env.key]
+    marker = env.path / ".fastapi-deploy-environment.json"
+    built_at = marker.stat().st_mtime_ns
+
+    # Same spec: nothing is installed, uv is not even run (this uv does not exist).
+    again_logs: list[str] = []
+    again = build_environment(project, envs, python=PYTHON, log=again_logs.append, uv="/nonexistent/uv")
+
+    assert again == dataclasses.replace(env, reused=True)
+    assert again_logs == [f"Dependencies unchanged (key {env.key[:12]}…), reusing environment"]
+    assert marker.stat().st_mtime_ns == built_at
+
+
+def test_pyproject_and_uv_lock_install_dependencies_not_the_project(tmp_path: Path) -> None:
+    envs = tmp_path / "envs"
+    not_installed = (
+        "import importlib.metadata as m, six\n"
+        "try:\n    m.distribution('demo-app')\nexcept m.PackageNotFoundError:\n    pass\n"
+        "else:\n    raise SystemExit('the project itself was installed')\n"
+    )
+
+    pyproject_only = project_with(tmp_path / "a", {"pyproject.toml": PYPROJECT})
+    assert pyproject_only.dependencies.kind == "pyproject.toml"
+    logs: list[str] = []
+    env = build_environment(pyproject_only, envs, python=PYTHON, log=logs.append, uv=UV)
+    assert "Installing from [project].dependencies of pyproject.toml" in logs
+    assert python_ok(env, not_installed).returncode == 0
+
+    locked_root = tmp_path / "b"
+    project_with(locked_root, {"pyproject.toml": PYPROJECT})
+    subprocess.run([UV, "lock", "--quiet"], cwd=locked_root, check=True)
+    locked = detect_project(locked_root)
+    assert locked.dependencies.kind == "uv.lock"
+    logs = []
+    locked_env = build_environment(locked, envs, python=PYTHON, log=logs.append, uv=UV)
+    assert logs[1].startswith("Installing from uv.lock")
+    result = python_ok(locked_env, not_installed + "import uvicorn\n")
+    assert result.returncode == 0, result.stderr
+    assert locked_env.key != env.key
+    assert not (locked_env.path / ".uv-lock-requirements.txt").exists()
+
+
+def test_pylock(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    root.mkdir()
+    subprocess.run(
+        [UV, "pip", "compile", "--no-config", "--quiet", "-", "-o", "pylock.toml"],
+        input="six\nuvicorn\n",
+        text=True,
+        cwd=root,
+        check=True,
+    )
+    project = project_with(root, {})
+    assert project.dependencies.kind == "pylock.toml"
+    logs: list[str] = []
+    env = build_environment(project, tmp_path / "envs", python=PYTHON, log=logs.append)
+    assert "Installing from pylock.toml" in logs
+    assert not any("uvicorn is not among" in line for line in logs)  # it was in the lock
+    assert python_ok(env, "import six, uvicorn").returncode == 0
+
+
+def test_default_is_fastapi_standard(tmp_path: Path) -> None:
+    project = project_with(tmp_path / "src", {})
+    assert project.dependencies.kind == "default"
+    logs: list[str] = []
+    env = build_environment(project, tmp_path / "envs", python=PYTHON, log=logs.append)
+    assert logs[1].startswith("Installing fastapi[standard]: no uv.lock")
+    assert not any("uvicorn is not among" in line for line in logs)
+    assert python_ok(env, "import fastapi, uvicorn, httptools, uvloop").returncode == 0
+
+
+def test_broken_requirement_leaves_nothing(tmp_path: Path) -> None:
+    project = project_with(tmp_path / "src", {"requirements.txt": "this-package-does-not-exist-xyz==1\n"})
+    envs = tmp_path / "envs"
+    logs: list[str] = []
+    with pytest.raises(BuildError) as info:
+        build_environment(project, envs, python=PYTHON, log=logs.append)
+    error = info.value
+    assert type(error) is BuildError
+    assert error.code == "building_image_failed"
+    assert "Installing dependencies from requirements.txt failed (uv exited with status" in error.message
+    assert "this-package-does-not-exist-xyz" in error.message  # the tail of uv's output
+    assert "requirements.txt" in error.hint
+    assert any("this-package-does-not-exist-xyz" in line for line in logs)
+    assert leftovers(envs) == []
+    assert not (envs / environment_key(project, PYTHON)).exists()
+
+
+@pytest.fixture
+def silent_index() -> Iterator[str]:
+    """A package index that accepts connections and never answers: uv waits on it."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/simple"
+
+
+def test_timeout_kills_uv_and_leaves_nothing(tmp_path: Path, silent_index: str) -> None:
+    project = project_with(tmp_path / "src", {"requirements.txt": f"--index-url {silent_index}\nsix\n"})
+    envs = tmp_path / "envs"
+    with pytest.raises(BuildTimeout) as info:
+        build_environment(project, envs, python=PYTHON, log=lambda line: None, timeout=3)
+    assert info.value.code == "building_image_failed_timeout"
+    assert "uv pip" in info.value.message
+    assert info.value.hint
+    assert leftovers(envs) == []
+    # The whole process group was killed: no uv is left working on this build.
+    assert not [pid for pid in _pids() if str(tmp_path) in _cmdline(pid)]
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_concurrent_builds_of_one_key_build_once(tmp_path: Path) -> None:
+    project = project_with(tmp_path / "src", {"requirements.txt": "six\nuvicorn\n"})
+    envs = tmp_path / "envs"
+    envs.mkdir()
+    results: list[BuiltEnvironment] = []
+    errors: list[BaseException] = []
+    waiting: list[str] = []
+    all_waiting = threading.Event()
+
+    def log(line: str) -> None:
+        if "is running; waiting for it" in line:
+            waiting.append(line)
+            if len(waiting) == 2:
+                all_waiting.set()
+
+    def build() -> None:
+        try:
+            results.append(build_environment(project, envs, python=PYTHON, log=log))
+        except BaseException as exc:
+            errors.append(exc)
+
+    # Hold the key as a build in another process would, so both threads must queue behind it.
+    held = builder._KeyLock(envs, environment_key(project, PYTHON))
+    assert held.acquire(None)
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        assert all_waiting.wait(timeout=60)
+    finally:
+        held.release()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert sorted(r.reused for r in results) == [False, True]
+    assert len({r.path for r in results}) == 1
+    assert leftovers(envs) == [results[0].key]
+    assert python_ok(results[0], "import six, uvicorn").returncode == 0
+
+
+def test_key_follows_the_spec_content(tmp_path: Path) -> None:
+    base = project_with(tmp_path / "a", {"requirements.txt": "six\n"})
+    same = project_with(tmp_path / "b", {"requirements.txt": "six\n", "other.py": "x = 1\n"})
+    changed = project_with(tmp_path / "c", {"requirements.txt": "six==1.17.0\n"})
+    assert environment_key(base, PYTHON) == environment_key(same, PYTHON)  # app code is not in the key
+    assert environment_key(base, PYTHON) != environment_key(changed, PYTHON)
+
+    # Files pulled in with -r are part of the spec too.
+    nested = tmp_path / "d"
+    first = project_with(
+        nested, {"requirements.txt": "-r requirements/base.txt\n", "requirements/base.txt": "six\n"}
+    )
+    assert first.dependencies.files == (nested / "requirements.txt", nested / "requirements" / "base.txt")
+    before = environment_key(first, PYTHON)
+    (nested / "requirements" / "base.txt").write_text("six==1.16.0\n")
+    assert environment_key(detect_project(nested), PYTHON) != before
+
+
+def test_key_follows_the_interpreter(tmp_path: Path) -> None:
+    project = project_with(tmp_path, {"requirements.txt": "six\n"})
+    # A venv's python and its base interpreter build the same environment.
+    base_python = str(Path(sys.base_prefix) / "bin" / Path(sys.executable).name)
+    assert environment_key(project, PYTHON) == environment_key(project, base_python)
+
+    real = builder._interpreter(PYTHON, UV)
+    assert real.version == ".".join(map(str, sys.version_info[:3]))
+    key = builder._key(project, real)
+    for field, value in [("version", "3.12.1"), ("implementation", "pypy"), ("platform", "linux-aarch64")]:
+        assert builder._key(project, dataclasses.replace(real, **{field: value})) != key
+
+
+def test_unknown_python(tmp_path: Path) -> None:
+    project = project_with(tmp_path, {})
+    with pytest.raises(BuildError, match=r"No Python interpreter matches '3\.99'") as info:
+        environment_key(project, "3.99")
+    assert info.value.title == "Python not available"
+    with pytest.raises(BuildError, match="does not exist"):
+        environment_key(project, str(tmp_path / "bin" / "python"))
+
+
+def test_prune(tmp_path: Path) -> None:
+    envs = tmp_path / "envs"
+    keep, old, busy, crashed = (f"{n}" * 64 for n in "abcd")
+    for key in (keep, old, busy):
+        (envs / key).mkdir(parents=True)
+        (envs / key / ".fastapi-deploy-environment.json").write_text("{}")
+    (envs / f".{crashed}.building-x1y2").mkdir()  # a build that died without cleaning up
+    (envs / "unrelated").mkdir()
+    held = builder._KeyLock(envs, busy)
+    assert held.acquire(None)
+    try:
+        assert prune_environments(envs, {keep}) == [old]
+    finally:
+        held.release()
+    assert leftovers(envs) == sorted([keep, busy, "unrelated"])
+    assert not (envs / f".{old}.lock").exists()
+    assert prune_environments(envs, {keep}) == [busy]
+    assert leftovers(envs) == sorted([keep, "unrelated"])
+    assert prune_environments(tmp_path / "missing", set()) == []
