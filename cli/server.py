@@ -13,12 +13,25 @@ import typer
 
 
 def server(
-    data_dir: Annotated[Path | None, typer.Option(help="Data directory [env: FASTAPI_DEPLOY_DATA_DIR; default ./data]")] = None,
-    host: Annotated[str | None, typer.Option(help="API interface [env: FASTAPI_DEPLOY_HOST; default 127.0.0.1]")] = None,
-    port: Annotated[int | None, typer.Option(help="API port [env: FASTAPI_DEPLOY_PORT; default 8000]")] = None,
-    router_port: Annotated[int | None, typer.Option(help="Apps' router port [env: FASTAPI_DEPLOY_ROUTER_PORT; default 8080]")] = None,
-    domain: Annotated[str | None, typer.Option(help="Apps are served at NAME.DOMAIN [env: FASTAPI_DEPLOY_DOMAIN; default localhost]")] = None,
-    backend: Annotated[str | None, typer.Option(help="Where instances run: process [env: FASTAPI_DEPLOY_BACKEND]")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data directory [env: FASTAPI_DEPLOY_DATA_DIR; default ./data]")
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="API interface [env: FASTAPI_DEPLOY_HOST; default 127.0.0.1]")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="API port [env: FASTAPI_DEPLOY_PORT; default 8000]")
+    ] = None,
+    router_port: Annotated[
+        int | None, typer.Option(help="Apps' router port [env: FASTAPI_DEPLOY_ROUTER_PORT; default 8080]")
+    ] = None,
+    domain: Annotated[
+        str | None,
+        typer.Option(help="Apps are served at NAME.DOMAIN [env: FASTAPI_DEPLOY_DOMAIN; default localhost]"),
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="Where instances run: process [env: FASTAPI_DEPLOY_BACKEND]")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Run the platform: API, dashboard, router and apps, on embedded defaults (SQLite, process backend)."""
