@@ -80,10 +80,18 @@ class Server:
         return f"http://127.0.0.1:{self.router_port}"
 
     def start(self, timeout: float = 60) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [CLI, "server", "--data-dir", str(self.data_dir), "--port", str(self.port),
-             "--router-port", str(self.router_port)],
+            [
+                CLI,
+                "server",
+                "--data-dir",
+                str(self.data_dir),
+                "--port",
+                str(self.port),
+                "--router-port",
+                str(self.router_port),
+            ],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -94,7 +102,9 @@ class Server:
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}"
+                )
             r = httpx.get(f"{self.url}/readyz", timeout=2)
             return r.status_code == 200
 
@@ -122,8 +132,14 @@ class Server:
         headers = {"Host": f"{app_slug}.localhost:{self.router_port}", **kw.pop("headers", {})}
         return httpx.get(f"{self.router_url}{path}", headers=headers, timeout=kw.pop("timeout", 30), **kw)
 
-    def cli(self, *args: str, cwd: Path | None = None, check: bool = True, timeout: float = 300,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        check: bool = True,
+        timeout: float = 300,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [CLI, *args], cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout, input=input
         )
@@ -135,8 +151,15 @@ class Server:
         return result
 
     def cli_json(self, *args: str, **kw: Any) -> Any:
+        """The command's ``--json`` output; lists come as ``{"data": [...]}`` and are unwrapped."""
         result = self.cli(*args, "--json", **kw)
-        return json.loads(result.stdout)
+        out = json.loads(result.stdout)
+        return out["data"] if isinstance(out, dict) and isinstance(out.get("data"), list) else out
+
+    def cli_ndjson(self, *args: str, **kw: Any) -> list[Any]:
+        """Streaming commands (``logs``) print one JSON object per line with ``--json``."""
+        result = self.cli(*args, "--json", **kw)
+        return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
 
 def make_server(tmp: Path, **extra_env: str) -> Server:
@@ -144,7 +167,8 @@ def make_server(tmp: Path, **extra_env: str) -> Server:
     config_dir = tmp / "cli-config"
     token = "fdp_test_admin_" + os.urandom(8).hex()
     env = {
-        k: v for k, v in os.environ.items()
+        k: v
+        for k, v in os.environ.items()
         if not k.startswith(("FASTAPI_DEPLOY_", "FASTAPI_CLOUD_")) and k != "DATABASE_URL"
     }
     env.update(
@@ -156,7 +180,11 @@ def make_server(tmp: Path, **extra_env: str) -> Server:
     )
     env.update(extra_env)
     server = Server(
-        data_dir=data_dir, port=free_port(), router_port=free_port(), admin_token=token, env=env,
+        data_dir=data_dir,
+        port=free_port(),
+        router_port=free_port(),
+        admin_token=token,
+        env=env,
         log_path=tmp / "server.log",
     )
     return server

@@ -1,0 +1,75 @@
+"""The router's settings and the shape of one upstream instance, as the control plane sees them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+#: ``on_request_done(app_id, upstream_id, status, duration_s)``: called once per request that was routed
+#: to an app (``upstream_id`` is None when no instance was reached). Runs on the event loop: keep it cheap.
+RequestDoneHook = Callable[[str, "str | None", int, float], None]
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Limits and timeouts of the edge router. Sizes in bytes, durations in seconds."""
+
+    max_header_bytes: int = 64 * 1024
+    """Request line plus headers. Over it: ``431`` and the connection is closed."""
+
+    max_body_bytes: int = 100 * 1024 * 1024
+    """A declared ``Content-Length`` over it, or a chunked body growing over it: ``413``, then close."""
+
+    connect_timeout: float = 5.0
+    """Opening a TCP connection to an instance. Over it: the next instance of the pool, else ``502``."""
+
+    read_timeout: float = 300.0
+    """From the request being sent (the last byte of its body) until the response headers. Over it: ``504``.
+    While the client is still uploading, it is also how long the upload may make no progress."""
+
+    idle_timeout: float = 75.0
+    """A client keep-alive connection with no request in progress is closed after this long. It also
+    bounds how long a client may take to send a request head (slow-loris)."""
+
+    upstream_idle_timeout: float = 4.0
+    """Pooled upstream connections idle this long are retired: before uvicorn's 5 s keep-alive closes them
+    from its side, which would race with a request we send on them."""
+
+    queue_timeout: float = 10.0
+    """How long a request waits for an instance when its app has none. Over it: ``503`` + ``Retry-After``."""
+
+    max_queue_per_app: int = 1000
+    """Requests allowed to wait per app; one more gets ``503`` at once."""
+
+    retry_after: int = 1
+    """The ``Retry-After`` value (seconds) of ``503 no_capacity`` answers."""
+
+    buffer_bytes: int = 256 * 1024
+    """Request body held while no upstream connection is ready (connecting, queued, pipelined) before
+    the router stops reading from the client."""
+
+
+@dataclass(eq=False)
+class Upstream:
+    """One instance of an app: a uvicorn process listening on ``host:port``.
+
+    Compared by identity (``eq=False``) so it can be hashed; the router keys its own bookkeeping by ``id``.
+    """
+
+    id: str
+    host: str
+    port: int
+    in_flight: int = 0
+    """Maintained by the router: requests sent to this instance and not finished yet."""
+
+
+@dataclass(slots=True)
+class AppStats:
+    """Counters of one app id since the router started (for metrics; cheap to keep)."""
+
+    requests: int = 0
+    """Requests routed to the app (that got a response or lost their client)."""
+    errors: int = 0
+    """Of those, answered with a 5xx status (by the app or by the router) or with the connection dropped."""
+    queued: int = 0
+    """Requests waiting right now for an instance of the app."""

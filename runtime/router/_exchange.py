@@ -1,0 +1,451 @@
+"""One request/response cycle through the router: route, wait, pick an instance, relay, account.
+
+    dispatch ─► no route ──────────────────────────────► 404
+       │     └► empty pool ─► queued ─► set_app ─► pick   (queue_timeout / queue full: 503)
+       └► pick (least outstanding) ─► pooled connection or connect ─► attach ─► relay ─► finish
+                                       └► connect failed: next instance, else 502
+
+An exchange holds one in-flight slot of its instance from the pick until the response is fully relayed
+(or fails); `State.instance_done` gives it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from ._http import BODY_CLOSE, RequestHead, error_response, new_request_id, rewrite_response
+from ._upstream import PAUSE_BUFFER, PAUSE_UPSTREAM, UpstreamConnection
+
+if TYPE_CHECKING:
+    from ._client import ClientConnection
+    from ._pool import AppPool, Instance
+
+logger = logging.getLogger("runtime.router")
+
+# How the request body travels to the instance.
+REQ_NONE = 0
+REQ_LENGTH = 1  # Content-Length: bytes copied as they come
+REQ_CHUNKED = 2  # re-chunked as they come (httptools hands over decoded chunk data)
+REQ_RAW = 3  # after an Upgrade request head: everything the client sends, untouched
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+class Exchange:
+    __slots__ = (
+        "body",
+        "broken",
+        "buffer",
+        "buffered",
+        "client",
+        "error",
+        "failures",
+        "finished",
+        "head",
+        "http10",
+        "inst",
+        "keep_alive",
+        "method",
+        "pool",
+        "queued",
+        "received",
+        "request_done",
+        "request_id",
+        "responded",
+        "response_done",
+        "retried",
+        "started",
+        "status",
+        "timer",
+        "tried",
+        "up",
+        "upgrade",
+        "upstream_id",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        method: bytes,
+        head: RequestHead | None,
+        *,
+        keep_alive: bool,
+        http10: bool,
+        upgrade: bool,
+        body: int,
+    ) -> None:
+        self.client = client
+        self.method = method
+        self.head = head
+        self.request_id = head.request_id if head is not None else new_request_id()
+        self.keep_alive = keep_alive
+        self.http10 = http10
+        self.upgrade = upgrade
+        self.body = body
+        self.buffer: list[bytes] | None = None
+        self.buffered = 0
+        self.received = 0
+        self.request_done = False
+        self.pool: AppPool | None = None
+        self.inst: Instance | None = None  # holds an in-flight slot while set
+        self.upstream_id: str | None = None
+        self.up: UpstreamConnection | None = None
+        self.status = 0
+        self.responded = self.response_done = self.finished = False
+        self.queued = self.retried = self.broken = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.tried: list[Instance] | None = None
+        self.failures: list[str] | None = None
+        self.error: tuple[str, str] | None = None  # answer this instead of proxying, in its turn
+        loop = client.state.loop
+        assert loop is not None
+        self.started = loop.time()
+
+    # -- routing
+
+    def dispatch(self) -> None:
+        """Called when it is this request's turn on its client connection."""
+        if self.client.closing:
+            return
+        if self.error is not None:
+            self.respond_error(*self.error)
+            return
+        assert self.head is not None
+        pool = self.client.state.apps.get(self.head.host)
+        if pool is None:
+            host = self.head.host.decode("latin-1")
+            self.respond_error("no_such_app", f"No app is deployed at host '{host}'.")
+            return
+        self.pool = pool
+        self._pick()
+
+    def _pick(self) -> None:
+        pool = self.pool
+        assert pool is not None
+        inst = pool.pick(self.tried)
+        if inst is None:
+            if self.failures:
+                failures = "; ".join(self.failures)
+                self.respond_error("bad_gateway", f"App '{pool.app_id}' could not be reached: {failures}.")
+            else:
+                self._enqueue(pool)
+            return
+        inst.acquire()
+        self.inst = inst
+        self.upstream_id = inst.id
+        state = self.client.state
+        if inst.idle:
+            assert state.loop is not None
+            conn = inst.take_idle(state.loop.time(), state.config.upstream_idle_timeout)
+            if conn is not None:
+                self._attach(conn)
+                return
+        state.spawn(self._connect(inst), f"router:connect:{inst.id}")
+
+    def _enqueue(self, pool: AppPool) -> None:
+        state = self.client.state
+        config = state.config
+        if state.stopping:
+            self.respond_error("no_capacity", "The router is shutting down.", retry_after=config.retry_after)
+            return
+        if len(pool.waiting) >= config.max_queue_per_app:
+            self.respond_error(
+                "no_capacity",
+                f"App '{pool.app_id}' has no instance ready and {len(pool.waiting)} requests are "
+                "already waiting for one.",
+                retry_after=config.retry_after,
+            )
+            return
+        pool.waiting.append(self)
+        pool.stats.queued += 1
+        self.queued = True
+        assert state.loop is not None
+        self.timer = state.loop.call_later(config.queue_timeout, self._queue_expired)
+
+    def unqueue_and_dispatch(self) -> None:
+        """The app got instances (or was removed): try again. The caller popped us from the queue."""
+        self._unqueued()
+        if not self.finished:
+            self.dispatch()
+
+    def _unqueued(self) -> None:
+        self.queued = False
+        if self.pool is not None:
+            self.pool.stats.queued -= 1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _queue_expired(self) -> None:
+        self.timer = None
+        pool = self.pool
+        assert pool is not None
+        pool.waiting.remove(self)
+        self._unqueued()
+        config = self.client.state.config
+        self.respond_error(
+            "no_capacity",
+            f"App '{pool.app_id}' had no instance ready to serve the request "
+            f"within {config.queue_timeout:g} s.",
+            retry_after=config.retry_after,
+        )
+
+    async def _connect(self, inst: Instance) -> None:
+        state = self.client.state
+        loop = state.loop
+        assert loop is not None
+        timeout = state.config.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(state, inst), inst.host, inst.port
+                )
+        except TimeoutError:
+            self._connect_failed(inst, f"connect timed out after {timeout:g} s")
+            return
+        except OSError as exc:
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            self._connect_failed(inst, reason)
+            return
+        if self.inst is not inst:  # the client went away meanwhile: keep the connection for the next one
+            inst.put_idle(conn, loop.time())
+            return
+        self._attach(conn)
+
+    def _connect_failed(self, inst: Instance, reason: str) -> None:
+        if self.inst is not inst:
+            return
+        self.inst = None
+        self.client.state.instance_done(inst)
+        # Nothing was sent yet, so any other instance of the pool may take the request.
+        self.tried = [*(self.tried or ()), inst]
+        self.failures = [*(self.failures or ()), f"instance {inst.id} ({inst.host}:{inst.port}): {reason}"]
+        if not self.finished:
+            self._pick()
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        self.up = conn
+        assert self.head is not None
+        data = [self.head.data]
+        buffer = self.buffer
+        if buffer:
+            self.buffer = None
+            self.buffered = 0
+            if self.body == REQ_CHUNKED:
+                for chunk in buffer:
+                    data += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+            else:
+                data += buffer
+            self.client.resume(PAUSE_BUFFER)
+        if self.request_done and self.body == REQ_CHUNKED:
+            data.append(_LAST_CHUNK)
+        conn.attach(self, data)
+        if self.head.expect_continue and not self.request_done and not self.http10 and self.body != REQ_NONE:
+            self.client.transport.write(_CONTINUE)
+
+    # -- request side, driven by the client connection
+
+    def body_data(self, data: bytes) -> None:
+        self.received += len(data)
+        up = self.up
+        if up is not None:
+            assert up.transport is not None
+            if self.body == REQ_CHUNKED:
+                up.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            else:
+                up.transport.write(data)
+        elif not self.response_done and self.error is None:
+            if self.buffer is None:
+                self.buffer = []
+            self.buffer.append(data)
+            self.buffered += len(data)
+            if self.buffered > self.client.state.config.buffer_bytes:
+                self.client.pause(PAUSE_BUFFER)
+        # else: answered already; the rest of the body is read and dropped to keep the connection
+
+    def request_complete(self) -> None:
+        self.request_done = True
+        up = self.up
+        if up is not None:
+            if self.body == REQ_CHUNKED:
+                assert up.transport is not None
+                up.transport.write(_LAST_CHUNK)
+            if self.body != REQ_NONE:
+                up.request_sent()
+        if self.response_done:
+            self._finish()
+
+    def fail(self, code: str, message: str) -> None:
+        """The client's request turned out bad (body too large, broken chunking) after routing began."""
+        self.error = (code, message)
+        if self is not self.client.current:
+            return  # pipelined: answered in its turn
+        self._detach()
+        if self.responded:  # the answer has started (or was early and is done): just hang up
+            self.broken = not self.response_done
+            self.client.abort()
+            self._finish()
+        else:
+            self.respond_error(code, message)
+
+    def client_stalled(self) -> None:
+        """No upload progress for read_timeout: give up on the client."""
+        self._detach()
+        self.client.abort()
+
+    def cancel(self) -> None:
+        """The client connection is gone."""
+        if self.finished:
+            return
+        self._detach(graceful=self.upgrade)
+        if not self.responded:
+            self.status = 499  # nginx's "client closed request"
+        self._finish()
+
+    # -- response side, driven by the upstream connection
+
+    def start_response(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], no_body: bool
+    ) -> tuple[bytes, int, int]:
+        """The head to send the client, and how the body is framed upstream and to the client."""
+        client = self.client
+        keep_alive = self.keep_alive and not self.upgrade and not client.state.stopping
+        head, upstream_mode, mode = rewrite_response(
+            status,
+            reason,
+            headers,
+            self.request_id,
+            no_body=no_body,
+            keep_alive=keep_alive,
+            http10=self.http10,
+        )
+        self.keep_alive = keep_alive and mode != BODY_CLOSE
+        self.status = status
+        self.responded = True
+        return head, upstream_mode, mode
+
+    def response_complete(self, conn: UpstreamConnection, keep_alive: bool) -> None:
+        self.response_done = True
+        self.up = None
+        conn.ex = None
+        inst = self.inst
+        self.inst = None
+        state = self.client.state
+        if keep_alive and self.request_done and not self.upgrade and not state.stopping and inst is not None:
+            assert state.loop is not None
+            conn.reused = True
+            inst.put_idle(conn, state.loop.time())
+        else:
+            conn.close()
+        if inst is not None:
+            state.instance_done(inst)
+        self.client.resume(PAUSE_UPSTREAM)
+        if self.request_done:
+            self._finish()
+        else:
+            self.client.response_sent_early()
+
+    def upstream_failed(self, conn: UpstreamConnection, message: str, *, timeout: bool = False) -> None:
+        if conn.ex is not self:
+            return
+        retry = (
+            not self.retried
+            and conn.reused
+            and not conn.headers_done
+            and not timeout
+            and self.body == REQ_NONE
+            and self.request_done
+        )
+        self._detach()
+        if self.responded:  # mid-response: too late for a status, the client must see the break
+            self.broken = True
+            self.client.abort()
+            self._finish()
+        elif retry:
+            # A pooled connection the instance closed just as we reused it; nothing was processed.
+            self.retried = True
+            self._pick()
+        else:
+            self.respond_error("gateway_timeout" if timeout else "bad_gateway", message)
+
+    def tunnel_closed(self, conn: UpstreamConnection) -> None:
+        if conn.ex is not self:
+            return
+        self._detach(graceful=True)
+        self.response_done = True
+        self.client.close()
+        self._finish()
+
+    # -- endings
+
+    def respond_error(self, code: str, message: str, *, retry_after: int | None = None) -> None:
+        client = self.client
+        keep_alive = (
+            self.keep_alive
+            and not self.upgrade
+            and (self.request_done or self.body == REQ_NONE)
+            and not client.state.stopping
+            and self.error is None
+        )
+        self.status, data = error_response(
+            code,
+            message,
+            self.request_id,
+            keep_alive=keep_alive,
+            http10=self.http10,
+            head_only=self.method == b"HEAD",
+            retry_after=retry_after,
+        )
+        self.keep_alive = keep_alive
+        self.responded = self.response_done = True
+        if not client.closing:
+            client.transport.write(data)
+            if not keep_alive:
+                client.close()
+        if self.request_done or not keep_alive:
+            self._finish()
+
+    def _detach(self, *, graceful: bool = False) -> None:
+        """Let go of the queue slot, the upstream connection and the in-flight slot, whichever are held."""
+        if self.queued:
+            assert self.pool is not None
+            self.pool.waiting.remove(self)
+            self._unqueued()
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.ex = None
+            # Mid-exchange the connection's state is unknown: it can't go back to the pool.
+            if graceful:
+                up.close()
+            else:
+                up.abort()
+        inst = self.inst
+        if inst is not None:
+            self.inst = None
+            self.client.state.instance_done(inst)
+        self.client.resume(PAUSE_UPSTREAM)
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        pool = self.pool
+        if pool is not None:
+            stats = pool.stats
+            stats.requests += 1
+            if self.status >= 500 or self.broken:
+                stats.errors += 1
+            hook = self.client.state.on_request_done
+            if hook is not None:
+                loop = self.client.state.loop
+                assert loop is not None
+                try:
+                    hook(pool.app_id, self.upstream_id, self.status, loop.time() - self.started)
+                except Exception:
+                    logger.exception("router: on_request_done hook failed")
+        self.client.exchange_done(self)

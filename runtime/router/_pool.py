@@ -1,0 +1,229 @@
+"""The router's shared state: which hosts map to which instances, and the per-instance connection pools.
+
+    State                      one per Router: config, routes, instances, live client connections
+    ├── AppPool (per Host)     the instances serving a host, least-outstanding pick, the waiting queue
+    └── Instance (per id)      in-flight count, idle keep-alive connections (LIFO), drain waiters
+
+Instances are keyed by id and shared by every host that routes to them, so an app reachable under two
+names is balanced on one set of counts, and a redeploy that keeps an instance keeps its warm connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from ._config import AppStats, RequestDoneHook, RouterConfig, Upstream
+
+if TYPE_CHECKING:
+    from ._client import ClientConnection
+    from ._exchange import Exchange
+    from ._upstream import UpstreamConnection
+
+
+def route_key(hostname: str) -> bytes:
+    """The routing key of a configured host name; matches `_http.route_key` of a ``Host`` header."""
+    return hostname.strip().lower().rstrip(".").encode("idna")
+
+
+class Instance:
+    """Bookkeeping of one upstream instance (by id)."""
+
+    __slots__ = ("drained", "host", "id", "idle", "in_flight", "port", "routed", "upstream")
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.id = upstream.id
+        self.host = upstream.host
+        self.port = upstream.port
+        self.in_flight = 0
+        self.idle: list[UpstreamConnection] = []  # most recently used last: reuse the warmest
+        self.drained: list[asyncio.Future[None]] = []
+        self.routed = True  # still in some host's pool; unrouted and drained -> forgotten
+
+    def adopt(self, upstream: Upstream) -> None:
+        """A newer `Upstream` object for the same id: it carries the count from now on."""
+        upstream.in_flight = self.in_flight
+        self.upstream = upstream
+        if (upstream.host, upstream.port) != (self.host, self.port):
+            self.host, self.port = upstream.host, upstream.port
+            self.close_idle()  # connections to the old address stay with the requests using them
+
+    def acquire(self) -> None:
+        self.in_flight += 1
+        self.upstream.in_flight = self.in_flight
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.upstream.in_flight = self.in_flight
+        if not self.in_flight and self.drained:
+            for waiter in self.drained:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self.drained.clear()
+
+    def take_idle(self, now: float, max_idle: float) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.closing():  # the instance hung up; connection_lost has not run yet
+                continue
+            if now - conn.idle_since < max_idle:
+                return conn
+            # The newest is too old, so are all the others.
+            conn.close()
+            self.close_idle()
+        return None
+
+    def put_idle(self, conn: UpstreamConnection, now: float) -> None:
+        if not self.routed or (conn.host, conn.port) != (self.host, self.port):
+            conn.close()
+            return
+        conn.idle_since = now
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """An idle connection was closed by the instance."""
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def sweep(self, now: float, max_idle: float) -> None:
+        idle = self.idle
+        stale = 0
+        while stale < len(idle) and now - idle[stale].idle_since >= max_idle:
+            stale += 1
+        if stale:
+            old, self.idle = idle[:stale], idle[stale:]
+            for conn in old:
+                conn.close()
+
+    def close_idle(self) -> None:
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+
+class AppPool:
+    """The instances behind one Host name, and the requests waiting for one."""
+
+    __slots__ = ("app_id", "hostname", "instances", "next", "stats", "waiting")
+
+    def __init__(self, hostname: str, app_id: str, stats: AppStats) -> None:
+        self.hostname = hostname
+        self.app_id = app_id
+        self.stats = stats
+        self.instances: list[Instance] = []
+        self.next = 0  # round-robin start, so ties rotate
+        self.waiting: deque[Exchange] = deque()
+
+    def pick(self, exclude: list[Instance] | None) -> Instance | None:
+        """Least outstanding requests; ties go round robin. None if every instance is excluded."""
+        instances = self.instances
+        count = len(instances)
+        best: Instance | None = None
+        best_at = 0
+        start = self.next if self.next < count else 0
+        for offset in range(count):
+            at = start + offset
+            if at >= count:
+                at -= count
+            inst = instances[at]
+            if exclude is not None and inst in exclude:
+                continue
+            if best is None or inst.in_flight < best.in_flight:
+                best, best_at = inst, at
+                if not inst.in_flight:
+                    break
+        self.next = best_at + 1
+        return best
+
+
+class State:
+    """Everything the protocols share. Owned by `Router`; only touched from its event loop."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.apps: dict[bytes, AppPool] = {}
+        self.instances: dict[str, Instance] = {}
+        self.stats: dict[str, AppStats] = {}
+        self.clients: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.on_request_done: RequestDoneHook | None = None
+        self.stopping = False
+        self.all_closed: asyncio.Event | None = None
+
+    def set_app(self, hostname: str, app_id: str, upstreams: list[Upstream]) -> None:
+        key = route_key(hostname)
+        instances = []
+        for upstream in upstreams:
+            inst = self.instances.get(upstream.id)
+            if inst is None:
+                inst = self.instances[upstream.id] = Instance(upstream)
+            else:
+                inst.adopt(upstream)
+                inst.routed = True
+            instances.append(inst)
+        pool = self.apps.get(key)
+        stats = self.stats.setdefault(app_id, AppStats())
+        if pool is None:
+            pool = self.apps[key] = AppPool(hostname, app_id, stats)
+        elif pool.app_id != app_id:
+            pool.stats.queued -= len(pool.waiting)
+            stats.queued += len(pool.waiting)
+            pool.app_id, pool.stats = app_id, stats
+        # One assignment: a request picks from either the old list or the new one, never a mix.
+        pool.instances = instances
+        pool.next = 0
+        self._forget_unrouted()
+        waiting = pool.waiting
+        while instances and waiting:
+            waiting.popleft().unqueue_and_dispatch()
+
+    def remove_app(self, hostname: str) -> None:
+        pool = self.apps.pop(route_key(hostname), None)
+        if pool is None:
+            return
+        self._forget_unrouted()
+        waiting = pool.waiting
+        while waiting:
+            waiting.popleft().unqueue_and_dispatch()  # finds no route now: 404
+
+    def _forget_unrouted(self) -> None:
+        routed = {id(inst) for pool in self.apps.values() for inst in pool.instances}
+        for inst in list(self.instances.values()):
+            inst.routed = id(inst) in routed
+            if not inst.routed:
+                inst.close_idle()
+                if not inst.in_flight:
+                    del self.instances[inst.id]
+
+    def instance_done(self, inst: Instance) -> None:
+        """Release one request's slot; forget an unrouted instance once it has drained."""
+        inst.release()
+        if not inst.routed and not inst.in_flight and self.instances.get(inst.id) is inst:
+            del self.instances[inst.id]
+
+    def sweep(self) -> None:
+        assert self.loop is not None
+        now = self.loop.time()
+        max_idle = self.config.upstream_idle_timeout
+        for inst in self.instances.values():
+            if inst.idle:
+                inst.sweep(now, max_idle)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a short-lived task owned by the router (cancelled by `Router.stop`)."""
+        assert self.loop is not None
+        task = self.loop.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def client_gone(self, client: ClientConnection) -> None:
+        self.clients.discard(client)
+        if self.stopping and not self.clients and self.all_closed is not None:
+            self.all_closed.set()
