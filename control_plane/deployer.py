@@ -75,7 +75,9 @@ class Deployer:
 
     def submit(self, deployment_id: str) -> None:
         """Queue a deployment (status ``ready_for_build``) to run in the background."""
-        task = asyncio.get_running_loop().create_task(self._run(deployment_id), name=f"deploy-{deployment_id}")
+        task = asyncio.get_running_loop().create_task(
+            self._run(deployment_id), name=f"deploy-{deployment_id}"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -116,22 +118,36 @@ class Deployer:
                 dep = await asyncio.to_thread(self._get, deployment_id)
                 await self._bring_up(app, dep, restoring=False)
                 elapsed = time.monotonic() - started
-                self._log(dep.id, f"Deployment {dep.slug} is live at {self.settings.app_url(app.slug)} ({elapsed:.1f}s)")
+                self._log(
+                    dep.id,
+                    f"Deployment {dep.slug} is live at {self.settings.app_url(app.slug)} ({elapsed:.1f}s)",
+                )
                 await self._set(dep.id, S.SUCCESS, finished=True)
-                await asyncio.to_thread(self._retain, app.id)
+                async with self._build_slots:
+                    await asyncio.to_thread(self._retain, app.id)
             except RuntimeFailure as exc:
                 await self._fail(dep.id, exc.code, exc.title, exc.message, exc.hint)
             except asyncio.CancelledError:
                 await asyncio.shield(
-                    self._fail(dep.id, S.FAILED, "Interrupted", "The control plane stopped during this deployment.",
-                               "Push again.")
+                    self._fail(
+                        dep.id,
+                        S.FAILED,
+                        "Interrupted",
+                        "The control plane stopped during this deployment.",
+                        "Push again.",
+                    )
                 )
                 raise
             except Exception as exc:
                 log.exception("deployment %s failed", deployment_id)
                 self._log(dep.id, "".join(traceback.format_exception(exc)))
-                await self._fail(dep.id, S.FAILED, "Internal error", f"The platform failed: {exc}",
-                                 "This is a bug in fastapi-deploy; the log above has the details.")
+                await self._fail(
+                    dep.id,
+                    S.FAILED,
+                    "Internal error",
+                    f"The platform failed: {exc}",
+                    "This is a bug in fastapi-deploy; the log above has the details.",
+                )
 
     async def _build(self, app: App, dep: Deployment) -> None:
         src = self.paths.source(dep.id)
@@ -159,8 +175,16 @@ class Deployer:
                 log=log_line,
                 timeout=self.settings.build_timeout,
             )
-        import_dir = project.import_dir.resolve().relative_to(src.resolve())
-        await asyncio.to_thread(self._record_artifact, dep.id, project.entrypoint, str(import_dir), env.key)
+            # Recorded while holding the build slot: retention (which prunes environments) runs under the
+            # same slot, so it never sees a built environment that no deployment references yet.
+            await asyncio.to_thread(
+                self._record_artifact,
+                dep.id,
+                project.entrypoint,
+                str(project.import_dir.resolve().relative_to(src.resolve())),
+                str(project.root.resolve().relative_to(src.resolve())),
+                env.key,
+            )
 
     async def _reuse(self, dep: Deployment) -> None:
         source = await asyncio.to_thread(self._get, dep.source_deployment_id or "")
@@ -194,6 +218,7 @@ class Deployer:
             python=env_dir / "bin" / "python",
             entrypoint=dep.entrypoint or "",
             app_dir=(src / (dep.import_dir or ".")).resolve(),
+            workdir=(src / (dep.workdir or dep.import_dir or ".")).resolve(),
             env=env_vars,
             health_path=app.health_path,
         )
@@ -204,10 +229,17 @@ class Deployer:
             await self._set(dep.id, S.VERIFYING)
         instances = await self.fleet.start_instances(spec, max(1, app.min_instances))
         if not restoring:
-            self._log(dep.id, f"Ready: lifespan finished and {app.health_path} answered on {len(instances)} instance(s)")
+            self._log(
+                dep.id,
+                f"Ready: lifespan finished and {app.health_path} answered on {len(instances)} instance(s)",
+            )
         revision = Revision(
-            app_id=app.id, deployment_id=dep.id, hostname=spec.hostname, spec=spec,
-            desired=max(1, app.min_instances), instances=instances,
+            app_id=app.id,
+            deployment_id=dep.id,
+            hostname=spec.hostname,
+            spec=spec,
+            desired=max(1, app.min_instances),
+            instances=instances,
         )
         await self.fleet.activate(revision)
         if not restoring:
@@ -270,7 +302,12 @@ class Deployer:
                 if dep is None:
                     return
                 dep.status = code if code in S._value2member_map_ else S.FAILED
-                dep.error_code, dep.error_title, dep.error_message, dep.error_hint = code, title, message, hint
+                dep.error_code, dep.error_title, dep.error_message, dep.error_hint = (
+                    code,
+                    title,
+                    message,
+                    hint,
+                )
                 dep.updated_at = dep.finished_at = utcnow()
                 s.add(dep)
                 s.commit()
@@ -279,14 +316,17 @@ class Deployer:
         self.buildlogs.notify(deployment_id)
 
     def _record_artifact(
-        self, deployment_id: str, entrypoint: str, import_dir: str, env_key: str, source: str | None = None
+        self, deployment_id: str, entrypoint: str, import_dir: str, workdir: str, env_key: str
     ) -> None:
         with self.db.session() as s:
             dep = s.get(Deployment, deployment_id)
             assert dep is not None
-            dep.entrypoint, dep.import_dir, dep.environment_key = entrypoint, import_dir, env_key
-            if source is not None:
-                dep.source_deployment_id = source
+            dep.entrypoint, dep.import_dir, dep.workdir, dep.environment_key = (
+                entrypoint,
+                import_dir,
+                workdir,
+                env_key,
+            )
             s.add(dep)
             s.commit()
 
@@ -317,8 +357,16 @@ class Deployer:
         with self.db.session() as s:
             rows = s.exec(
                 select(Deployment).where(
-                    col(Deployment.status).in_([S.EXTRACTING, S.BUILDING, S.BUILDING_IMAGE, S.DEPLOYING, S.VERIFYING,
-                                                S.READY_FOR_BUILD])
+                    col(Deployment.status).in_(
+                        [
+                            S.EXTRACTING,
+                            S.BUILDING,
+                            S.BUILDING_IMAGE,
+                            S.DEPLOYING,
+                            S.VERIFYING,
+                            S.READY_FOR_BUILD,
+                        ]
+                    )
                 )
             ).all()
             for dep in rows:

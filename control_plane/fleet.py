@@ -91,7 +91,9 @@ class Fleet:
         revision = self.serving.get(app_id)
         serving = list(revision.instances) if revision else []
         others = [
-            i for i in self.backend.instances() if i.spec.app_id == app_id and all(i is not s for s in serving)
+            i
+            for i in self.backend.instances()
+            if i.spec.app_id == app_id and all(i is not s for s in serving)
         ]
         return serving + others
 
@@ -131,7 +133,9 @@ class Fleet:
             except Exception as exc:
                 history = self._crashes.setdefault(revision.app_id, _CrashHistory())
                 delay = max(1.0, history.record(time.monotonic()))
-                log.warning("replacing an instance of %s failed (%s); retrying in %.1fs", revision.app_id, exc, delay)
+                log.warning(
+                    "replacing an instance of %s failed (%s); retrying in %.1fs", revision.app_id, exc, delay
+                )
                 await asyncio.sleep(delay)
                 continue
             if self.serving.get(revision.app_id) is not revision:

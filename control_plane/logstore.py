@@ -80,7 +80,7 @@ class LogStore:
         if fh is None:
             directory = self.root / app_id
             directory.mkdir(parents=True, exist_ok=True)
-            fh = open(directory / "current.ndjson", "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            fh = open(directory / "current.ndjson", "a", encoding="utf-8", buffering=1)
             self._files[app_id] = fh
         fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
         if fh.tell() >= self.segment_bytes:
@@ -153,7 +153,7 @@ class LogStore:
 
 def _reverse_lines(path: Path, block: int = 64 * 1024) -> Iterator[str]:
     try:
-        f = open(path, "rb")  # noqa: SIM115
+        f = open(path, "rb")
     except FileNotFoundError:
         return
     with f:

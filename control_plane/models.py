@@ -102,6 +102,7 @@ class Deployment(SQLModel, table=True):
     error_hint: str | None = None
     entrypoint: str | None = None
     import_dir: str | None = None
+    workdir: str | None = None
     environment_key: str | None = None
     artifact_pruned: bool = False
 

@@ -53,7 +53,10 @@ class Platform:
             raise ValueError(f"unknown backend {settings.backend!r} (available: process)")
         self.backend = ProcessBackend(self.paths.instances, self.logstore.append)
         self.fleet = Fleet(
-            self.backend, self.router, verify_timeout=settings.verify_timeout, drain_timeout=settings.drain_timeout
+            self.backend,
+            self.router,
+            verify_timeout=settings.verify_timeout,
+            drain_timeout=settings.drain_timeout,
         )
         self.backend.on_exit = self.fleet.on_exit
         self.deployer = Deployer(settings, self.db, self.fleet, self.buildlogs, self.secrets)
@@ -91,7 +94,9 @@ class Platform:
             s.flush()
             s.add(Membership(team_id=team.id, user_id=admin.id, role="owner"))
             raw = self.settings.admin_token or new_token()
-            s.add(ApiToken(token_hash=hash_token(raw), kind="user", user_id=admin.id, name="admin (bootstrap)"))
+            s.add(
+                ApiToken(token_hash=hash_token(raw), kind="user", user_id=admin.id, name="admin (bootstrap)")
+            )
             s.add(Setting(key="bootstrapped", value="1"))
             s.add(Setting(key="instance_id", value=pysecrets.token_hex(8)))
             s.commit()

@@ -87,7 +87,9 @@ def app_out(
         "status": app_status(app, latest, instances),
         "current_deployment_id": app.current_deployment_id,
         "latest_deployment": (
-            {"id": latest.id, "status": latest.status, "created_at": ts(latest.created_at)} if latest else None
+            {"id": latest.id, "status": latest.status, "created_at": ts(latest.created_at)}
+            if latest
+            else None
         ),
         "health_path": app.health_path,
         "min_instances": app.min_instances,

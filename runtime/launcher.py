@@ -22,7 +22,8 @@ import sys
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fastapi-deploy-launcher")
     parser.add_argument("--app", required=True, help="import string, module:attribute")
-    parser.add_argument("--app-dir", required=True, help="directory put first on sys.path and made cwd")
+    parser.add_argument("--app-dir", required=True, help="directory put first on sys.path")
+    parser.add_argument("--workdir", default="", help="working directory (default: --app-dir)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ready-fd", type=int, default=-1)
@@ -35,7 +36,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    os.chdir(args.app_dir)
+    # Like FastAPI CLI: the import directory goes on sys.path, the project root is the working
+    # directory (relative paths to templates or static files resolve against it).
+    os.chdir(args.workdir or args.app_dir)
     sys.path.insert(0, args.app_dir)
     # Line-buffered output so each log line reaches the platform as it is written.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]

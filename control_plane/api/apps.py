@@ -91,7 +91,10 @@ def render_app(platform: Platform, session: Session, app: App) -> dict[str, Any]
 
 @router.get("/teams/")
 def list_teams(
-    session: SessionDep, principal: PrincipalDep, limit: int = Query(100, ge=1, le=1000), skip: int = Query(0, ge=0)
+    session: SessionDep,
+    principal: PrincipalDep,
+    limit: int = Query(100, ge=1, le=1000),
+    skip: int = Query(0, ge=0),
 ) -> dict[str, Any]:
     from control_plane.models import Team
 
@@ -130,11 +133,15 @@ def list_apps(
 
 
 @router.post("/apps/", status_code=201)
-def create_app(body: AppCreate, platform: PlatformDep, session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
+def create_app(
+    body: AppCreate, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
+) -> dict[str, Any]:
     team = get_team(session, principal, body.team_id)
     slug = slugify(body.name)
     if not _SLUG_RE.match(slug):
-        raise Conflict(f"The name {body.name!r} does not make a valid app slug.", hint="Use letters, digits, dashes.")
+        raise Conflict(
+            f"The name {body.name!r} does not make a valid app slug.", hint="Use letters, digits, dashes."
+        )
     if session.exec(select(App).where(App.slug == slug)).first() is not None:
         raise Conflict(
             f"An app named {slug!r} already exists.",
@@ -151,7 +158,9 @@ def create_app(body: AppCreate, platform: PlatformDep, session: SessionDep, prin
 
 
 @router.get("/apps/{app_id}")
-def read_app(app_id: str, platform: PlatformDep, session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
+def read_app(
+    app_id: str, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
+) -> dict[str, Any]:
     return render_app(platform, session, get_app(session, principal, app_id, deploy_ok=True))
 
 
@@ -208,9 +217,7 @@ async def delete_app(app_id: str, platform: PlatformDep, principal: PrincipalDep
 # -- rollback / redeploy ---------------------------------------------------------------------------
 
 
-def new_release(
-    platform: Platform, session: Session, app: App, kind: str, source: Deployment
-) -> Deployment:
+def new_release(platform: Platform, session: Session, app: App, kind: str, source: Deployment) -> Deployment:
     """A deployment that reuses ``source``'s build (no upload, no rebuild), queued at once."""
     busy = session.exec(
         select(Deployment).where(Deployment.app_id == app.id, col(Deployment.status).in_(list(IN_PROGRESS)))
@@ -229,6 +236,7 @@ def new_release(
         source_deployment_id=artifact,
         entrypoint=source.entrypoint,
         import_dir=source.import_dir,
+        workdir=source.workdir,
         environment_key=source.environment_key,
     )
     session.add(dep)
@@ -248,10 +256,13 @@ async def rollback(
             if target_id:
                 target = s.get(Deployment, target_id)
                 if target is None or target.app_id != app.id:
-                    raise NotFound(f"Deployment {target_id} not found in this app.", title="Deployment not found")
+                    raise NotFound(
+                        f"Deployment {target_id} not found in this app.", title="Deployment not found"
+                    )
                 if target.status != S.SUCCESS:
                     raise Conflict(
-                        f"Deployment {target.slug} did not succeed ({target.status}); only successful ones can serve.",
+                        f"Deployment {target.slug} did not succeed ({target.status}); "
+                        "only successful ones can serve.",
                         title="Cannot roll back to a failed deployment",
                         hint="`fastapi-deploy deployments APP` lists them with their status.",
                     )
@@ -291,7 +302,9 @@ async def redeploy(app_id: str, platform: PlatformDep, principal: PrincipalDep) 
             app = get_app(s, principal, app_id)
             current = s.get(Deployment, app.current_deployment_id or "")
             if current is None:
-                raise Conflict("The app has never been deployed.", title="Nothing to redeploy", hint="Push it first.")
+                raise Conflict(
+                    "The app has never been deployed.", title="Nothing to redeploy", hint="Push it first."
+                )
             return new_release(platform, s, app, "redeploy", current), app
 
     dep, app = await asyncio.to_thread(create)

@@ -20,7 +20,7 @@ from sqlmodel import select
 from control_plane.api.deps import PlatformDep, PrincipalDep, SessionDep
 from control_plane.errors import APIError
 from control_plane.models import DeviceCode, utcnow
-from control_plane.security import aware, authenticate, hash_token, issue_user_token, require_user
+from control_plane.security import authenticate, aware, hash_token, issue_user_token, require_user
 
 router = APIRouter()
 pages = APIRouter()
@@ -86,11 +86,17 @@ def device_token(
     user = session.get(User, row.approved_user_id)
     if user is None:
         return _oauth_error("access_denied", "The approving user no longer exists.")
-    token = issue_user_token(session, user, f"device login ({row.client_id or 'cli'})", ttl=timedelta(days=90))
+    token = issue_user_token(
+        session, user, f"device login ({row.client_id or 'cli'})", ttl=timedelta(days=90)
+    )
     row.used = True
     session.add(row)
     session.commit()
-    return {"access_token": token, "token_type": "bearer", "expires_in": int(timedelta(days=90).total_seconds())}
+    return {
+        "access_token": token,
+        "token_type": "bearer",
+        "expires_in": int(timedelta(days=90).total_seconds()),
+    }
 
 
 @router.post("/logout", status_code=204)
@@ -112,9 +118,11 @@ def me(principal: PrincipalDep) -> dict[str, Any]:
 
 _PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Approve login · fastapi-deploy</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<style>body{{font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem;color:#111}}
+<style>
+body{{font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem;color:#111}}
 input{{font:inherit;padding:.5rem;width:100%;box-sizing:border-box;margin:.25rem 0 1rem}}
-button{{font:inherit;padding:.5rem 1rem}} .msg{{padding:.75rem;border-radius:.25rem;background:#eef}}</style></head>
+button{{font:inherit;padding:.5rem 1rem}}
+.msg{{padding:.75rem;border-radius:.25rem;background:#eef}}</style></head>
 <body><h1>Approve a CLI login</h1>{body}</body></html>"""
 
 
@@ -147,7 +155,9 @@ def device_approve(
         principal = authenticate(session, f"Bearer {token.strip()}")
         user = require_user(principal)
     except APIError as exc:
-        return _page(f'<p class="msg">{html.escape(exc.message)}</p><p><a href="/login/device">Try again</a></p>', 403)
+        return _page(
+            f'<p class="msg">{html.escape(exc.message)}</p><p><a href="/login/device">Try again</a></p>', 403
+        )
     row = session.exec(select(DeviceCode).where(DeviceCode.user_code == user_code.strip().upper())).first()
     if row is None or row.used or aware(row.expires_at) <= utcnow():
         return _page('<p class="msg">This code is unknown or expired. Start the login again.</p>', 404)
@@ -156,7 +166,9 @@ def device_approve(
         message = "Login denied. You can close this window."
     else:
         row.approved_user_id = user.id
-        message = f"Approved: the CLI is now logged in as {html.escape(user.email)}. You can close this window."
+        message = (
+            f"Approved: the CLI is now logged in as {html.escape(user.email)}. You can close this window."
+        )
     session.add(row)
     session.commit()
     return _page(f'<p class="msg">{message}</p>')

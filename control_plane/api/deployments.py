@@ -133,7 +133,11 @@ async def receive_archive(deployment_id: str, request: Request, platform: Platfo
     try:
         token = form.get("upload_token")
         expected = dep.upload_token_hash
-        if not isinstance(token, str) or expected is None or not hmac.compare_digest(hash_token(token), expected):
+        if (
+            not isinstance(token, str)
+            or expected is None
+            or not hmac.compare_digest(hash_token(token), expected)
+        ):
             raise Forbidden("The upload token is not valid for this deployment.", title="Upload refused")
         if dep.upload_expires_at is not None and aware(dep.upload_expires_at) <= utcnow():
             raise Forbidden("The upload URL expired.", title="Upload refused", hint="Push again.")
@@ -174,7 +178,9 @@ async def receive_archive(deployment_id: str, request: Request, platform: Platfo
 
 
 @router.post("/deployments/{deployment_id}/upload-complete")
-async def upload_complete(deployment_id: str, platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
+async def upload_complete(
+    deployment_id: str, platform: PlatformDep, principal: PrincipalDep
+) -> dict[str, Any]:
     def mark() -> tuple[Deployment, App]:
         with platform.db.session() as s:
             dep, app = _load(s, principal, deployment_id)

@@ -42,7 +42,9 @@ class EnvBatch(BaseModel):
     def _names(cls, v: dict[str, EnvValue]) -> dict[str, EnvValue]:
         for name in v:
             if not _NAME.match(name):
-                raise ValueError(f"{name!r} is not a valid variable name (letters, digits, _; not starting with a digit)")
+                raise ValueError(
+                    f"{name!r} is not a valid variable name (letters, digits, _; not starting with a digit)"
+                )
             if name in RESERVED or name.startswith(RESERVED_PREFIX):
                 raise ValueError(f"{name!r} is reserved by the platform")
         return v
@@ -64,13 +66,17 @@ def _list(session: Session, app_id: str, platform: Platform) -> dict[str, Any]:
 
 
 @router.get("/apps/{app_id}/environment-variables/")
-def list_env(app_id: str, platform: PlatformDep, session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
+def list_env(
+    app_id: str, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
+) -> dict[str, Any]:
     app = get_app(session, principal, app_id)
     return _list(session, app.id, platform)
 
 
 @router.put("/apps/{app_id}/environment-variables/")
-async def update_env(app_id: str, body: EnvBatch, platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
+async def update_env(
+    app_id: str, body: EnvBatch, platform: PlatformDep, principal: PrincipalDep
+) -> dict[str, Any]:
     def apply() -> tuple[dict[str, Any], Deployment | None]:
         with platform.db.session() as s:
             app: App = get_app(s, principal, app_id)

@@ -31,7 +31,9 @@ def parse_since(value: str) -> timedelta:
     match = _SINCE.match(value.strip())
     if not match:
         raise BadRequest(
-            f"Invalid time range {value!r}.", title="Invalid --since", hint="Use a number and a unit: 30s, 5m, 2h, 1d."
+            f"Invalid time range {value!r}.",
+            title="Invalid --since",
+            hint="Use a number and a unit: 30s, 5m, 2h, 1d.",
         )
     delta = timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
     if delta > MAX_SINCE:

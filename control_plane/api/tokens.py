@@ -46,7 +46,9 @@ def list_tokens(app_id: str, session: SessionDep, principal: PrincipalDep) -> di
 
 
 @router.post("/apps/{app_id}/tokens", status_code=201)
-def create_token(app_id: str, body: TokenCreate, session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
+def create_token(
+    app_id: str, body: TokenCreate, session: SessionDep, principal: PrincipalDep
+) -> dict[str, Any]:
     app = get_app(session, principal, app_id)
     user = require_user(principal)
     raw = new_token()

@@ -30,8 +30,18 @@ class InstanceState(enum.StrEnum):
 
 _ALLOWED: dict[InstanceState, set[InstanceState]] = {
     InstanceState.STARTING: {InstanceState.WARM, InstanceState.STOPPED, InstanceState.CRASHED},
-    InstanceState.WARM: {InstanceState.SERVING, InstanceState.DRAINING, InstanceState.STOPPED, InstanceState.CRASHED},
-    InstanceState.SERVING: {InstanceState.WARM, InstanceState.DRAINING, InstanceState.STOPPED, InstanceState.CRASHED},
+    InstanceState.WARM: {
+        InstanceState.SERVING,
+        InstanceState.DRAINING,
+        InstanceState.STOPPED,
+        InstanceState.CRASHED,
+    },
+    InstanceState.SERVING: {
+        InstanceState.WARM,
+        InstanceState.DRAINING,
+        InstanceState.STOPPED,
+        InstanceState.CRASHED,
+    },
     InstanceState.DRAINING: {InstanceState.STOPPED, InstanceState.CRASHED},
     InstanceState.STOPPED: set(),
     InstanceState.CRASHED: set(),
@@ -55,7 +65,9 @@ class InstanceSpec:
     entrypoint: str
     """``module:attribute`` of the FastAPI object."""
     app_dir: Path
-    """Import directory and working directory."""
+    """Import directory (first on sys.path)."""
+    workdir: Path | None = None
+    """Working directory: the project root (default: ``app_dir``)."""
     env: Mapping[str, str] = field(default_factory=dict)
     health_path: str = "/"
 

@@ -38,7 +38,7 @@ def _base_env(spec: InstanceSpec, instance_id: str) -> dict[str, str]:
     venv_bin = str(spec.python.parent)
     env = {
         "PATH": f"{venv_bin}:/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(spec.app_dir),
+        "HOME": str(spec.workdir or spec.app_dir),
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "PYTHONUNBUFFERED": "1",
         "VIRTUAL_ENV": str(spec.python.parent.parent),
@@ -96,9 +96,11 @@ class ProcessBackend:
                 "0",
                 "--ready-fd",
                 str(write_fd),
+                "--workdir",
+                str(spec.workdir or spec.app_dir),
                 "--instance-id",
                 instance.id,
-                cwd=str(spec.app_dir),
+                cwd=str(spec.workdir or spec.app_dir),
                 env=_base_env(spec, instance.id),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -198,7 +200,7 @@ class ProcessBackend:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _wait_ready_fd(self, read_fd: int, instance: Instance, deadline: float) -> dict[str, object]:
+    async def _wait_ready_fd(self, read_fd: int, instance: Instance, deadline: float) -> dict[str, int]:
         # The launcher writes one line once the lifespan startup finished; EOF means it exited first.
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bytes] = loop.create_future()
@@ -232,8 +234,7 @@ class ProcessBackend:
                 await asyncio.wait_for(instance.exited.wait(), 5)
             raise self._not_ready(instance, "exited during startup")
         parsed = json.loads(data.decode().strip().splitlines()[0])
-        assert isinstance(parsed, dict)
-        return parsed
+        return {"port": int(parsed["port"]), "pid": int(parsed["pid"])}
 
     async def _wait_healthy(self, instance: Instance, deadline: float) -> None:
         spec = instance.spec
@@ -285,7 +286,9 @@ class ProcessBackend:
             self._platform_log(instance, f"Instance {instance.id} stopped (exit code {code})")
         else:
             instance.transition(InstanceState.CRASHED)
-            self._platform_log(instance, f"Instance {instance.id} exited unexpectedly (exit code {code})", "error")
+            self._platform_log(
+                instance, f"Instance {instance.id} exited unexpectedly (exit code {code})", "error"
+            )
         instance.exited.set()
         (self.state_dir / f"{instance.id}.json").unlink(missing_ok=True)
         if self.on_exit is not None and not expected:
@@ -338,4 +341,3 @@ def _is_our_instance(pid: int, instance_id: str) -> bool:
     except OSError:
         return False
     return str(LAUNCHER).encode() in cmdline and instance_id.encode() in cmdline
-
