@@ -40,6 +40,9 @@ def create_app(
         docs_url="/api/docs",
         openapi_url="/api/v1/openapi.json",
         redoc_url=None,
+        # The official CLI does not follow redirects: a 307 to the slashed path would be an error.
+        # Paths match exactly, as declared.
+        redirect_slashes=False,
     )
     app.state.platform = platform
     app.add_exception_handler(APIError, api_error_handler)

@@ -477,3 +477,25 @@ def test_killed_server_leaves_no_orphans_and_recovers(tmp_path: Path) -> None:
         assert not process_alive(old_pid), "the instance of the killed server was left running"
     finally:
         srv.stop()
+
+
+def test_postgres_backed_server_deploys_and_survives_restart(tmp_path: Path) -> None:
+    from tests.dbs import postgres_database
+
+    with postgres_database() as url:
+        srv = make_server(tmp_path, DATABASE_URL=url)
+        srv.start()
+        try:
+            srv.cli("login", "--url", srv.url, "--token", srv.admin_token)
+            project = copy_example("hello", tmp_path, "pg-hello")
+            write_version(project, "pg")
+            push(srv, project, "pg-hello")
+            srv.cli("env", "set", "pg-hello", "K=v", "--secret", "--no-redeploy")
+            srv.stop()
+            srv.start()
+            wait_until(lambda: srv.get("pg-hello").status_code == 200, 30, what="the app after restart")
+            assert srv.get("pg-hello").json() == {"version": "pg"}
+            assert not (srv.data_dir / "fastapi-deploy.db").exists()  # everything went to PostgreSQL
+            assert srv.cli_json("env", "list", "pg-hello")[0]["is_secret"] is True
+        finally:
+            srv.stop()

@@ -116,7 +116,8 @@ def me(principal: PrincipalDep) -> dict[str, Any]:
 
 # -- the approval page (outside /api/v1) -------------------------------------------------------------
 
-_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Approve login · fastapi-deploy</title>
+_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>Approve login · fastapi-deploy</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
 body{{font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem;color:#111}}
