@@ -71,8 +71,10 @@ def app_out(
     *,
     instances: list[Instance] | None = None,
     latest: Deployment | None = None,
+    in_flight: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     instances = instances or []
+    in_flight = in_flight or {}
     return {
         "id": app.id,
         "slug": app.slug,
@@ -93,5 +95,5 @@ def app_out(
         ),
         "health_path": app.health_path,
         "min_instances": app.min_instances,
-        "instances": [i.as_dict() for i in instances],
+        "instances": [i.as_dict() | {"in_flight": in_flight.get(i.id, 0)} for i in instances],
     }

@@ -176,7 +176,10 @@ def test_redeploy_under_load_has_no_failed_request(server: Server, workdir: Path
         wait_until(lambda: load.ok >= 20, 30, what="load to start")
         for version in ("v2", "v3"):
             write_version(project, version)
-            push(server, project, "steady")
+            out = push(server, project, "steady")
+            # Code-only change: the environment is reused, nothing is installed.
+            log = build_log(server, out["deployment_id"])
+            assert "reusing environment" in log and "Installed" not in log, log
             wait_until(lambda v=version: server.get("steady").json() == {"version": v}, 30, what=version)
         wait_until(lambda: load.ok >= 200, 60, what="more load")
     assert load.failures == [], load.failures[:5]

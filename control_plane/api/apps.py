@@ -82,7 +82,11 @@ def _latest(session: Session, app_id: str) -> Deployment | None:
 
 def render_app(platform: Platform, session: Session, app: App) -> dict[str, Any]:
     return app_out(
-        app, platform.settings, instances=platform.fleet.instances_of(app.id), latest=_latest(session, app.id)
+        app,
+        platform.settings,
+        instances=platform.fleet.instances_of(app.id),
+        latest=_latest(session, app.id),
+        in_flight=platform.router.in_flight(),
     )
 
 
