@@ -25,6 +25,12 @@ def landing(request: Request) -> HTMLResponse:
     return templates.TemplateResponse(request, "landing.html", _ctx(request))
 
 
+@router.get("/{team_slug}/apps", response_class=HTMLResponse)
+def team_apps(request: Request, team_slug: str) -> HTMLResponse:
+    """The official CLI links here from `teams list` / `teams get`."""
+    return templates.TemplateResponse(request, "team.html", _ctx(request, team_slug=team_slug))
+
+
 @router.get("/dashboard/apps/{app_slug}", response_class=HTMLResponse)
 @router.get("/dashboard/apps/{app_slug}/deployments/{deployment_id}", response_class=HTMLResponse)
 @router.get("/{team_slug}/apps/{app_slug}", response_class=HTMLResponse)

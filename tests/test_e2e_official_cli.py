@@ -93,14 +93,13 @@ class OfficialCLI:
         cwd: Path | None = None,
         expect: int | None = 0,
         timeout: float = COMMAND_TIMEOUT,
-        prefix: list[str] | None = None,
-        **extra_env: str,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        cmd = [*(prefix or FASTAPI), *args]
+        cmd = [*FASTAPI, *args]
         result = subprocess.run(
             cmd,
             cwd=cwd,
-            env=self.env(**extra_env),
+            env=self.env(**(env or {})),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -249,9 +248,9 @@ def serves(server: Server, slug: str, expected: dict[str, Any], path: str = "/")
 
 
 def deploy(
-    cli: OfficialCLI, project: Path, app_id: str, **extra_env: str
+    cli: OfficialCLI, project: Path, app_id: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return cli.run("deploy", "--app-id", app_id, cwd=project, timeout=DEPLOY_TIMEOUT, **extra_env)
+    return cli.run("deploy", "--app-id", app_id, cwd=project, timeout=DEPLOY_TIMEOUT, env=env)
 
 
 def wait_for_deployment(
@@ -375,16 +374,37 @@ def test_deploy_token_deploys_its_app_only(server: Server, cloud: OfficialCLI, t
     # A client with no login at all: the deploy token is its only credential.
     ci = new_cli(server, tmp_path / "ci-config")
     version_app(project, "token-2")
-    result = deploy(ci, project, app["id"], FASTAPI_CLOUD_TOKEN=token)
+    result = deploy(ci, project, app["id"], env={"FASTAPI_CLOUD_TOKEN": token})
     assert app["url"] in result.stdout, result.stdout
     wait_until(
         lambda: serves(server, app["slug"], {"version": "token-2"}), 30, what="token-2 through the router"
     )
 
     with server.api(token) as api:
-        assert api.get("/apps/").status_code == 403
+        assert api.get("/apps/").status_code == 403  # not a user token
         assert api.get(f"/apps/{app['id']}").status_code == 200  # what `deploy` needs
-    assert not ci.auth_file.exists()  # 403 is not 401: the client would have deleted a user login
+
+    # Limited to its app: another app of the same team cannot be deployed with it.
+    other = create_app(server, "official-token-other")
+    refused = ci.run(
+        "deploy", "--app-id", other["id"], cwd=project, expect=1, env={"FASTAPI_CLOUD_TOKEN": token}
+    )
+    assert "ready at" not in refused.stdout.lower(), refused.stdout
+    with server.api() as api:
+        assert api.get(f"/apps/{other['id']}/deployments/").json()["count"] == 0
+
+    # Revoked: the token stops working at once, and the app keeps serving.
+    tokens = json.loads(cloud.run("cloud", "tokens", "list", "--app-id", app["id"], "--json").stdout)
+    (token_id,) = [t["id"] for t in tokens["data"]["tokens"] if t["name"] == "ci"]
+    cloud.run("cloud", "tokens", "delete", token_id, "--app-id", app["id"])
+    with server.api(token) as api:
+        assert api.get(f"/apps/{app['id']}").status_code == 401
+    version_app(project, "token-3")
+    revoked = ci.run(
+        "deploy", "--app-id", app["id"], cwd=project, expect=1, env={"FASTAPI_CLOUD_TOKEN": token}
+    )
+    assert "token is not valid" in revoked.stdout, revoked.stdout
+    assert serves(server, app["slug"], {"version": "token-2"})
 
 
 # -- logs --------------------------------------------------------------------------------------------
