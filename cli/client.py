@@ -105,6 +105,9 @@ class Client:
     def put(self, path: str, *, json: Any = None) -> Any:
         return self.request("PUT", path, json=json)
 
+    def patch(self, path: str, *, json: Any = None) -> Any:
+        return self.request("PATCH", path, json=json)
+
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
 

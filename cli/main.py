@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from cli import apps, auth, deployments, env, logs, push
+from cli import apps, auth, deployments, env, logs, push, scale
 from cli.errors import CLIError
 from cli.session import Session
 
@@ -28,6 +28,7 @@ app.add_typer(apps.app)
 app.add_typer(logs.app)
 app.add_typer(env.app, name="env")
 app.add_typer(deployments.app)
+app.add_typer(scale.app)
 
 
 def _register_server(root: typer.Typer) -> None:

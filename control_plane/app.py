@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from control_plane.api import apps, auth, deployments, env, logs, tokens
+from control_plane.api import apps, auth, deployments, env, logs, scaling, tokens
 from control_plane.config import Settings
 from control_plane.errors import APIError, api_error_handler
 from control_plane.platform import Platform
@@ -46,7 +46,7 @@ def create_app(
     )
     app.state.platform = platform
     app.add_exception_handler(APIError, api_error_handler)
-    for module in (auth, apps, deployments, logs, env, tokens):
+    for module in (auth, apps, deployments, logs, env, tokens, scaling):
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(auth.pages)
     app.include_router(dashboard_router)

@@ -27,12 +27,23 @@ from control_plane.secrets import SecretBox
 from control_plane.statuses import TERMINAL
 from control_plane.statuses import DeploymentStatus as S
 from runtime.archive import ExtractLimits, extract_archive
+from runtime.autoscaler import ScalingSettings
 from runtime.backends.base import InstanceSpec
 from runtime.builder import build_environment, prune_environments
 from runtime.detect import detect_project
 from runtime.errors import RuntimeFailure
 
 log = logging.getLogger("fastapi_deploy.deployer")
+
+
+def scaling_settings(app: App) -> ScalingSettings:
+    return ScalingSettings(
+        min_instances=app.min_instances,
+        max_instances=app.max_instances,
+        target_concurrency=app.target_concurrency,
+        prewarm=app.prewarm,
+        scale_to_zero_after=app.scale_to_zero_after,
+    )
 
 
 class Paths:
@@ -222,12 +233,13 @@ class Deployer:
             env=env_vars,
             health_path=app.health_path,
         )
+        scaling = scaling_settings(app)
+        count = self.fleet.initial_count(app.id, scaling)
         if not restoring:
             await self._set(dep.id, S.DEPLOYING)
-            count = max(1, app.min_instances)
             self._log(dep.id, f"Starting {count} instance{'s' if count > 1 else ''}")
             await self._set(dep.id, S.VERIFYING)
-        instances = await self.fleet.start_instances(spec, max(1, app.min_instances))
+        instances = await self.fleet.start_instances(spec, count)
         if not restoring:
             self._log(
                 dep.id,
@@ -238,8 +250,8 @@ class Deployer:
             deployment_id=dep.id,
             hostname=spec.hostname,
             spec=spec,
-            desired=max(1, app.min_instances),
-            instances=instances,
+            settings=scaling,
+            serving=instances,
         )
         await self.fleet.activate(revision)
         if not restoring:

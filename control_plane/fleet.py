@@ -1,9 +1,15 @@
-"""The fleet: which revision of each app serves, on which instances, and the router's table.
+"""The fleet: which revision of each app serves, on which instances, with how many warm spares.
 
-A revision goes live only through :meth:`Fleet.activate`, which switches the router atomically and
-then drains the previous revision (its in-flight requests finish, up to the drain timeout) before
-stopping it. An instance of a serving revision that crashes is taken out of the pool at once and
-replaced, with an exponential backoff when an app crash-loops.
+A revision goes live only through :meth:`Fleet.activate`, which switches the router atomically and then
+drains the previous revision (in-flight requests finish, up to the drain timeout) before stopping it.
+
+From then on the autoscaler drives the revision. Every tick (:data:`TICK_SECONDS`) it samples the app's
+concurrency from the router (in flight + queued), asks the pure policy (``runtime/autoscaler.py``) how
+many instances should serve and how many should wait warm, and applies the plan: promote warm instances
+(milliseconds: they are booted and past their lifespan), park scaled-down ones in the warm pool instead
+of stopping them, start or stop instances only for what remains. A request that finds no instance wakes
+the loop at once (scale from zero). An instance that crashes is taken out of rotation immediately and
+replaced by the next tick, with an exponential hold-off when the app crash-loops.
 """
 
 from __future__ import annotations
@@ -12,13 +18,21 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from control_plane.events import EventLog
+from control_plane.forecast import Forecaster
+from control_plane.models import utcnow
+from runtime.autoscaler import Decision, PolicyState, Sample, ScalingSettings, decide, plan
 from runtime.backends.base import Backend, Instance, InstanceSpec, InstanceState
 from runtime.router import Router, Upstream
 
 log = logging.getLogger("fastapi_deploy.fleet")
 
+TICK_SECONDS = 0.25
 _CRASH_WINDOW = 60.0
 _MAX_BACKOFF = 60.0
 
@@ -29,8 +43,23 @@ class Revision:
     deployment_id: str
     hostname: str
     spec: InstanceSpec
-    desired: int
-    instances: list[Instance] = field(default_factory=list)
+    settings: ScalingSettings
+    serving: list[Instance] = field(default_factory=list)
+    warm: list[Instance] = field(default_factory=list)
+    starting_serving: int = 0
+    starting_warm: int = 0
+    samples: deque[Sample] = field(default_factory=deque)
+    policy: PolicyState = field(default_factory=PolicyState)
+    decision: Decision | None = None
+    forecast: float | None = None
+    hold_starts_until: float = 0.0
+    pool_hits: int = 0
+    started: int = 0
+    stopped: int = 0
+
+    @property
+    def instances(self) -> list[Instance]:
+        return self.serving + self.warm
 
 
 @dataclass
@@ -45,18 +74,39 @@ class _CrashHistory:
 
 
 class Fleet:
-    def __init__(self, backend: Backend, router: Router, *, verify_timeout: float, drain_timeout: float):
+    def __init__(
+        self,
+        backend: Backend,
+        router: Router,
+        *,
+        verify_timeout: float,
+        drain_timeout: float,
+        events: EventLog,
+        forecaster: Forecaster,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.backend = backend
         self.router = router
         self.verify_timeout = verify_timeout
         self.drain_timeout = drain_timeout
+        self.events = events
+        self.forecaster = forecaster
+        self.clock = clock
         self.serving: dict[str, Revision] = {}
         self._crashes: dict[str, _CrashHistory] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._wake = asyncio.Event()
         self._closing = False
+        self.router.on_queue = self._on_queue
+
+    # -- deploys ---------------------------------------------------------------------------------
 
     async def start_instances(self, spec: InstanceSpec, count: int) -> list[Instance]:
         """Start ``count`` ready instances of one revision, or none: on a failure the started ones stop."""
+        prepare = getattr(self.backend, "prepare", None)
+        if prepare is not None:
+            with contextlib.suppress(Exception):  # the backend falls back to a plain start
+                await prepare(spec)
         results = await asyncio.gather(
             *(self.backend.start(spec, timeout=self.verify_timeout) for _ in range(max(1, count))),
             return_exceptions=True,
@@ -65,47 +115,225 @@ class Fleet:
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await asyncio.gather(*(self.backend.stop(i) for i in started))
+            await self._release(spec.deployment_id)
             raise errors[0]
         return started
 
+    def initial_count(self, app_id: str, settings: ScalingSettings) -> int:
+        """How many instances a new revision starts with: what serves now (so a deploy under load does
+        not shrink capacity), at least the floor and one (to verify it), at most the ceiling."""
+        current = self.serving.get(app_id)
+        now_serving = len(current.serving) if current else 0
+        return max(1, min(settings.max_instances, max(settings.min_instances, now_serving)))
+
     async def activate(self, revision: Revision) -> None:
         """Route the app's host to ``revision`` and retire the revision that served before."""
-        for instance in revision.instances:
+        for instance in revision.serving:
             instance.transition(InstanceState.SERVING)
+        revision.started += len(revision.serving)
         old = self.serving.get(revision.app_id)
         self.serving[revision.app_id] = revision
         if old is not None and old.hostname != revision.hostname:
             self.router.remove_app(old.hostname)
         self._route(revision)
+        self.events.emit(
+            revision.app_id,
+            "deploy",
+            f"Revision {revision.deployment_id[:8]} serves on {len(revision.serving)} instance(s)",
+            deployment_id=revision.deployment_id,
+        )
         if old is not None and old is not revision:
-            self._spawn(self._drain(old.instances), f"drain-{old.deployment_id}")
+            self._spawn(self._retire(old), f"retire-{old.deployment_id}")
+        self._wake.set()
 
     async def remove(self, app_id: str) -> None:
         revision = self.serving.pop(app_id, None)
+        self.forecaster.forget(app_id)
         if revision is None:
             return
         self.router.remove_app(revision.hostname)
-        await self._drain(revision.instances, timeout=2.0)
+        await self._retire(revision, timeout=2.0)
+
+    def update_settings(self, app_id: str, settings: ScalingSettings) -> None:
+        revision = self.serving.get(app_id)
+        if revision is not None:
+            revision.settings = settings
+            self._wake.set()
 
     def instances_of(self, app_id: str) -> list[Instance]:
         revision = self.serving.get(app_id)
-        serving = list(revision.instances) if revision else []
+        mine = revision.instances if revision else []
         others = [
-            i
-            for i in self.backend.instances()
-            if i.spec.app_id == app_id and all(i is not s for s in serving)
+            i for i in self.backend.instances() if i.spec.app_id == app_id and all(i is not m for m in mine)
         ]
-        return serving + others
+        return mine + others
+
+    # -- the autoscaler loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Tick forever (owned by the platform, cancelled at shutdown)."""
+        while True:
+            try:
+                self.tick()
+            except Exception:
+                log.exception("autoscaler tick failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK_SECONDS)
+            self._wake.clear()
+
+    def tick(self) -> None:
+        now = self.clock()
+        wall = utcnow()
+        in_flight = self.router.in_flight()
+        queued = self.router.queued()
+        for revision in list(self.serving.values()):
+            concurrency = float(
+                sum(in_flight.get(i.id, 0) for i in revision.serving) + queued.get(revision.app_id, 0)
+            )
+            self._sample(revision, Sample(at=now, concurrency=concurrency))
+            self.forecaster.observe(revision.app_id, concurrency, wall)
+            revision.forecast = self.forecaster.forecast(revision.app_id, wall)
+            self._scale(revision, now)
+
+    def _sample(self, revision: Revision, sample: Sample) -> None:
+        revision.samples.append(sample)
+        horizon = sample.at - max(revision.settings.stable_window, revision.settings.scale_to_zero_after) - 1
+        while revision.samples and revision.samples[0].at < horizon:
+            revision.samples.popleft()
+
+    def _scale(self, revision: Revision, now: float) -> None:
+        settings = revision.settings
+        serving_now = len(revision.serving) + revision.starting_serving
+        decision = decide(revision.samples, serving_now, settings, revision.policy, now, revision.forecast)
+        previous = revision.decision
+        revision.policy = decision.state
+        revision.decision = decision
+        if previous is None or (previous.serving, previous.warm, previous.panic) != (
+            decision.serving,
+            decision.warm,
+            decision.panic,
+        ):
+            self.events.emit(
+                revision.app_id,
+                "scale",
+                decision.reason,
+                serving=decision.serving,
+                warm=decision.warm,
+                panic=decision.panic,
+                stable_concurrency=round(decision.stable_concurrency, 2),
+                panic_concurrency=round(decision.panic_concurrency, 2),
+                forecast=revision.forecast,
+            )
+        steps = plan(serving_now, len(revision.warm) + revision.starting_warm, decision)
+        self._apply(revision, steps, now)
+
+    def _apply(self, revision: Revision, steps: Any, now: float) -> None:
+        changed = False
+        for _ in range(min(steps.promote, len(revision.warm))):
+            instance = revision.warm.pop()  # the most recently parked: the warmest caches
+            instance.transition(InstanceState.SERVING)
+            revision.serving.append(instance)
+            revision.pool_hits += 1
+            self.events.emit(
+                revision.app_id, "instance", f"Promoted warm instance {instance.id}", instance=instance.id
+            )
+            changed = True
+        for _ in range(min(steps.park, len(revision.serving))):
+            instance = revision.serving.pop()
+            instance.transition(InstanceState.WARM)
+            revision.warm.append(instance)
+            self.events.emit(
+                revision.app_id, "instance", f"Parked instance {instance.id} as warm", instance=instance.id
+            )
+            changed = True
+        if changed:
+            self._route(revision)
+        stop = steps.stop_warm
+        if revision.decision is not None and revision.decision.serving == 0:
+            # Scaled to zero: the app was idle for scale_to_zero_after; parked instances go too.
+            stop = max(stop, len(revision.warm) + revision.starting_warm - revision.decision.warm)
+        for _ in range(min(stop, len(revision.warm))):
+            instance = revision.warm.pop(0)  # the longest parked
+            revision.stopped += 1
+            self.events.emit(
+                revision.app_id, "instance", f"Stopping spare instance {instance.id}", instance=instance.id
+            )
+            self._spawn(self.backend.stop(instance), f"stop-{instance.id}")
+        if now < revision.hold_starts_until:
+            return
+        for _ in range(steps.start_serving):
+            revision.starting_serving += 1
+            self._spawn(self._start(revision, serve=True), f"start-{revision.app_id}")
+        for _ in range(steps.start_warm):
+            revision.starting_warm += 1
+            self._spawn(self._start(revision, serve=False), f"prewarm-{revision.app_id}")
+
+    async def _start(self, revision: Revision, *, serve: bool) -> None:
+        try:
+            instance = await self.backend.start(revision.spec, timeout=self.verify_timeout)
+        except Exception as exc:
+            delay = self._crashes.setdefault(revision.app_id, _CrashHistory()).record(self.clock())
+            revision.hold_starts_until = self.clock() + max(1.0, delay)
+            self.events.emit(
+                revision.app_id, "instance", f"Starting an instance failed: {exc}", level="error"
+            )
+            return
+        finally:
+            if serve:
+                revision.starting_serving -= 1
+            else:
+                revision.starting_warm -= 1
+        revision.started += 1
+        if self.serving.get(revision.app_id) is not revision or self._closing:
+            await self.backend.stop(instance)
+            return
+        # Whatever it was started for, the policy's latest numbers decide where it goes now.
+        wanted = revision.decision.serving if revision.decision else 1
+        # Instances still starting for the serving set will fill it; a spare only serves if they won't.
+        if len(revision.serving) + (0 if serve else revision.starting_serving) < wanted:
+            instance.transition(InstanceState.SERVING)
+            revision.serving.append(instance)
+            self._route(revision)
+            self.events.emit(
+                revision.app_id, "instance", f"Started instance {instance.id}", instance=instance.id
+            )
+        else:
+            revision.warm.append(instance)
+            self.events.emit(
+                revision.app_id, "instance", f"Started warm instance {instance.id}", instance=instance.id
+            )
+        self._wake.set()
+
+    def _on_queue(self, app_id: str) -> None:
+        self._wake.set()
+
+    # -- crashes ---------------------------------------------------------------------------------
 
     def on_exit(self, instance: Instance) -> None:
-        """Backend callback: an instance died unasked. Take it out of rotation and replace it."""
+        """Backend callback: an instance died unasked. Take it out of rotation; the loop replaces it."""
         revision = self.serving.get(instance.spec.app_id)
-        if revision is None or instance not in revision.instances or self._closing:
+        self.events.emit(
+            instance.spec.app_id,
+            "instance",
+            f"Instance {instance.id} exited unexpectedly (exit code {instance.exit_code})",
+            instance=instance.id,
+            exit_code=instance.exit_code,
+            level="error",
+        )
+        if revision is None or self._closing:
             return
-        revision.instances.remove(instance)
-        self._route(revision)
-        delay = self._crashes.setdefault(revision.app_id, _CrashHistory()).record(time.monotonic())
-        self._spawn(self._replace(revision, delay), f"replace-{instance.id}")
+        if instance in revision.serving:
+            revision.serving.remove(instance)
+            self._route(revision)
+        elif instance in revision.warm:
+            revision.warm.remove(instance)
+        else:
+            return
+        delay = self._crashes.setdefault(revision.app_id, _CrashHistory()).record(self.clock())
+        if delay:
+            log.warning("app %s is crash-looping; next start in %.1fs", revision.app_id, delay)
+            revision.hold_starts_until = self.clock() + delay
+        self._wake.set()
 
     async def close(self) -> None:
         self._closing = True
@@ -120,49 +348,36 @@ class Fleet:
     # -- internals ------------------------------------------------------------------------------
 
     def _route(self, revision: Revision) -> None:
-        upstreams = [Upstream(id=i.id, host=i.host, port=i.port) for i in revision.instances]
+        upstreams = [Upstream(id=i.id, host=i.host, port=i.port) for i in revision.serving]
         self.router.set_app(revision.hostname, revision.app_id, upstreams)
 
-    async def _replace(self, revision: Revision, delay: float) -> None:
-        if delay:
-            log.warning("app %s is crash-looping; next start in %.1fs", revision.app_id, delay)
-            await asyncio.sleep(delay)
-        while self.serving.get(revision.app_id) is revision and len(revision.instances) < revision.desired:
-            try:
-                instance = await self.backend.start(revision.spec, timeout=self.verify_timeout)
-            except Exception as exc:
-                history = self._crashes.setdefault(revision.app_id, _CrashHistory())
-                delay = max(1.0, history.record(time.monotonic()))
-                log.warning(
-                    "replacing an instance of %s failed (%s); retrying in %.1fs", revision.app_id, exc, delay
-                )
-                await asyncio.sleep(delay)
-                continue
-            if self.serving.get(revision.app_id) is not revision:
-                await self.backend.stop(instance)
-                return
-            instance.transition(InstanceState.SERVING)
-            revision.instances.append(instance)
-            self._route(revision)
-
-    async def _drain(self, instances: list[Instance], timeout: float | None = None) -> None:
+    async def _retire(self, revision: Revision, timeout: float | None = None) -> None:
         limit = self.drain_timeout if timeout is None else timeout
+        instances = revision.instances
+        revision.serving, revision.warm = [], []
 
         async def one(instance: Instance) -> None:
-            if instance.state == InstanceState.SERVING:
+            if instance.state in (InstanceState.SERVING, InstanceState.WARM):
                 instance.transition(InstanceState.DRAINING)
             with contextlib.suppress(Exception):
                 await self.router.wait_drained(instance.id, limit)
             await self.backend.stop(instance)
 
-        await asyncio.gather(*(one(i) for i in list(instances)))
+        await asyncio.gather(*(one(i) for i in instances))
+        await self._release(revision.deployment_id)
 
-    def _spawn(self, coro: object, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
+    async def _release(self, deployment_id: str) -> None:
+        release = getattr(self.backend, "release", None)
+        if release is not None:
+            with contextlib.suppress(Exception):
+                await release(deployment_id)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("fleet task %s failed", task.get_name(), exc_info=task.exception())

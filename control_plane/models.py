@@ -80,7 +80,12 @@ class App(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow)
     current_deployment_id: str | None = None
     health_path: str = "/"
+    # Autoscaling knobs (runtime/autoscaler.py documents their semantics).
     min_instances: int = 1
+    max_instances: int = 10
+    target_concurrency: float = 10.0
+    prewarm: int = 0
+    scale_to_zero_after: float = 300.0
 
 
 class Deployment(SQLModel, table=True):
@@ -127,3 +132,25 @@ class Setting(SQLModel, table=True):
 
     key: str = Field(primary_key=True)
     value: str
+
+
+class Event(SQLModel, table=True):
+    """Something the platform did or saw, per app: instance states, scale decisions and their reasons."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    app_id: str = Field(index=True)
+    at: datetime = Field(default_factory=utcnow, index=True)
+    kind: str  # "instance" | "scale" | "deploy"
+    message: str
+    data: str = "{}"  # JSON
+
+
+class TrafficSlot(SQLModel, table=True):
+    """An app's traffic by time of week (15-minute slots): an exponentially weighted peak concurrency,
+    the input of the predictive warm floor."""
+
+    app_id: str = Field(primary_key=True)
+    slot: int = Field(primary_key=True)  # 0..671: (weekday * 96) + quarter-hour of the day, UTC
+    peak: float = 0.0
+    weeks: int = 0
+    updated_at: datetime = Field(default_factory=utcnow)

@@ -19,7 +19,9 @@ from control_plane.buildlogs import BuildLogs
 from control_plane.config import Settings
 from control_plane.db import Database
 from control_plane.deployer import Deployer, Paths
+from control_plane.events import EventLog
 from control_plane.fleet import Fleet
+from control_plane.forecast import Forecaster
 from control_plane.logstore import LogStore
 from control_plane.models import ApiToken, Membership, Setting, Team, User
 from control_plane.secrets import SecretBox
@@ -52,31 +54,43 @@ class Platform:
         if settings.backend != "process":
             raise ValueError(f"unknown backend {settings.backend!r} (available: process)")
         self.backend = ProcessBackend(self.paths.instances, self.logstore.append)
+        self.events = EventLog(self.db)
+        self.forecaster = Forecaster(self.db)
         self.fleet = Fleet(
             self.backend,
             self.router,
             verify_timeout=settings.verify_timeout,
             drain_timeout=settings.drain_timeout,
+            events=self.events,
+            forecaster=self.forecaster,
         )
         self.backend.on_exit = self.fleet.on_exit
         self.deployer = Deployer(settings, self.db, self.fleet, self.buildlogs, self.secrets)
         self.bootstrap: Bootstrap | None = None
         self.ready = asyncio.Event()
+        self._autoscaler: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await asyncio.to_thread(self.db.migrate)
         self.bootstrap = await asyncio.to_thread(self._bootstrap)
         self.buildlogs.bind(asyncio.get_running_loop())
+        await asyncio.to_thread(self.forecaster.load)
+        self.events.start()
         await self.router.start(self.settings.router_host, self.settings.router_port)
         await self.backend.recover()
         await self.deployer.restore()
+        self._autoscaler = asyncio.get_running_loop().create_task(self.fleet.run(), name="autoscaler")
         self.ready.set()
 
     async def stop(self) -> None:
         self.ready.clear()
+        if self._autoscaler is not None:
+            self._autoscaler.cancel()
+            await asyncio.gather(self._autoscaler, return_exceptions=True)
         await self.deployer.close()
         await self.router.stop(timeout=5.0)
         await self.fleet.close()
+        await self.events.stop()
         self.logstore.close()
         self.db.dispose()
 
