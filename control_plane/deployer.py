@@ -198,6 +198,11 @@ class Deployer:
             )
 
     async def _reuse(self, dep: Deployment) -> None:
+        if dep.kind == "redeploy":
+            # An env change redeploys whatever serves *now*: a push that finished while this waited for
+            # the app's lock must not be undone by redeploying the build that served at request time.
+            await asyncio.to_thread(self._rebase_on_current, dep.id)
+            dep = await asyncio.to_thread(self._get, dep.id)
         source = await asyncio.to_thread(self._get, dep.source_deployment_id or "")
         if source.artifact_pruned or not self.paths.source(source.id).is_dir():
             raise RuntimeFailure(
@@ -339,6 +344,27 @@ class Deployer:
                 workdir,
                 env_key,
             )
+            s.add(dep)
+            s.commit()
+
+    def _rebase_on_current(self, deployment_id: str) -> None:
+        with self.db.session() as s:
+            dep = s.get(Deployment, deployment_id)
+            app = s.get(App, dep.app_id) if dep else None
+            current = (
+                s.get(Deployment, app.current_deployment_id) if app and app.current_deployment_id else None
+            )
+            if dep is None or current is None:
+                return
+            dep.source_deployment_id = (
+                current.source_deployment_id if current.kind != "upload" else current.id
+            )
+            dep.entrypoint, dep.import_dir, dep.workdir = (
+                current.entrypoint,
+                current.import_dir,
+                current.workdir,
+            )
+            dep.environment_key = current.environment_key
             s.add(dep)
             s.commit()
 
