@@ -7,6 +7,31 @@ It binds the socket itself (port 0 = the kernel picks a free one, so there is no
 a port and binding it), runs uvicorn with the app's lifespan, and only once the lifespan startup has
 finished writes one JSON line ``{"port": N, "pid": P}`` to the ready file descriptor. The control plane
 then probes the health path before routing to the instance.
+
+Template mode (Linux) makes starting an instance a ``fork()`` instead of a fresh interpreter::
+
+    python launcher.py --template --app main:app --app-dir D --workdir W --control-fd N
+
+The template imports uvicorn and the app module (like ``gunicorn --preload``: module-level code runs once
+per revision, in the template; the lifespan does not run there), then serves requests on the control
+channel, a ``SOCK_SEQPACKET`` unix socket. Each message is one JSON object:
+
+    backend -> template   {"op": "fork", "id": INSTANCE_ID}   + SCM_RIGHTS [stdout, stderr, ready] fds
+    template -> backend   {"op": "ready", "pid": P}           the app imported; forks may follow
+                          {"op": "unfit", "reason": "..."}    the app cannot be forked safely; exits
+                          {"op": "forked", "id": ID, "pid": P} | {"op": "fork_failed", "id": ID, "error": E}
+                          {"op": "exit", "pid": P, "exit_code": C}   a child was reaped (C < 0: signal)
+
+The child of a fork becomes an ordinary instance: its own session, the passed pipes as stdout/stderr,
+fresh random state, no fd of the template's, then exactly the serving code of the normal mode (a new
+socket on port 0, a new event loop, uvicorn with ``lifespan="on"``, the ready line). The template is the
+children's parent, so it reaps them and reports their exit codes; a child gets SIGKILL if the template
+dies (``PR_SET_PDEATHSIG``): nobody would report its exit any more. When the control channel closes
+(the control plane went away) the template stops its children gracefully (SIGTERM, then SIGKILL after
+10 s) and exits.
+
+The template refuses to serve forks ("unfit") when importing the app started threads or opened sockets or
+an event loop: a forked child would share them.
 """
 
 from __future__ import annotations
@@ -15,8 +40,17 @@ import argparse
 import asyncio
 import json
 import os
+import select
+import signal
 import socket
 import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+_CHILD_STOP_GRACE = 10.0  # seconds a child gets to stop after SIGTERM when the control plane is gone
+_PR_SET_PDEATHSIG = 1
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -28,14 +62,19 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ready-fd", type=int, default=-1)
     parser.add_argument("--root-path", default="")
-    # Unused by the launcher; it names the instance in the process table so that a restarted control
-    # plane can find (and clean up) the instances it started.
+    parser.add_argument("--template", action="store_true", help="import the app, then fork instances")
+    parser.add_argument("--control-fd", type=int, default=-1, help="template mode: the control socket")
+    # Unused by the launcher; it names the instance (or template) in the process table so that a
+    # restarted control plane can find (and clean up) the processes it started.
     parser.add_argument("--instance-id", default="")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
+    # Only stdio and the fd we were given: uvloop's spawn leaks copies of the stdio pipes (and its
+    # /dev/null) into children, and a template must not hand anything unknown down to its forks.
+    _close_inherited_fds(keep=(args.control_fd if args.template else args.ready_fd,))
     # Like FastAPI CLI: the import directory goes on sys.path, the project root is the working
     # directory (relative paths to templates or static files resolve against it).
     os.chdir(args.workdir or args.app_dir)
@@ -44,25 +83,54 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
+    if args.template:
+        outcome = _Template(args).run()
+        if isinstance(outcome, int):
+            return outcome  # the template itself is done
+        # From here on this process is a forked instance.
+        return _serve(outcome.config, args.host, args.port, outcome.ready_fd)
+    return _serve(_make_config(args.app, args.root_path), args.host, args.port, args.ready_fd)
+
+
+def _close_inherited_fds(keep: tuple[int, ...]) -> None:
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return  # not Linux: nothing known to leak
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the listing's own fd, already closed
+
+
+def _make_config(app: str, root_path: str) -> Any:
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    sock.set_inheritable(False)
-    port = sock.getsockname()[1]
-
-    config = uvicorn.Config(
-        args.app,
+    return uvicorn.Config(
+        app,
         lifespan="on",  # a failing lifespan startup must fail the instance, visibly
         proxy_headers=True,
         forwarded_allow_ips="127.0.0.1",
-        root_path=args.root_path,
+        root_path=root_path,
         timeout_keep_alive=5,
         access_log=True,
         server_header=False,
     )
-    ready_fd = args.ready_fd
+
+
+def _serve(config: Any, host: str, port: int, ready_fd: int) -> int:
+    """Bind, run uvicorn until it is told to stop, report readiness after the lifespan startup."""
+    import uvicorn
+
+    # proto=IPPROTO_TCP matters: asyncio (and uvloop) only set TCP_NODELAY on accepted sockets whose
+    # proto says TCP; with proto 0, Nagle plus the client's delayed ACK add ~40 ms to every response.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(False)
+    bound_port = sock.getsockname()[1]
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -70,19 +138,261 @@ def main(argv: list[str] | None = None) -> int:
             if self.should_exit or ready_fd < 0:
                 return
             try:
-                os.write(ready_fd, (json.dumps({"port": port, "pid": os.getpid()}) + "\n").encode())
+                os.write(ready_fd, (json.dumps({"port": bound_port, "pid": os.getpid()}) + "\n").encode())
                 os.close(ready_fd)
             except OSError:
                 pass
 
     server = _Server(config)
     try:
-        asyncio.run(server.serve(sockets=[sock]))
+        asyncio.run(server.serve(sockets=[sock]))  # always a new event loop
     except KeyboardInterrupt:
         pass
     if not server.started:
         return 3
     return 0
+
+
+# -- template mode --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Forked:
+    """What a forked child takes out of the template: the loaded config and where to report readiness."""
+
+    config: Any
+    ready_fd: int
+
+
+class _Unfit(Exception):
+    pass
+
+
+class _Template:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.control = socket.socket(fileno=args.control_fd)
+        self.control.set_inheritable(False)
+        self.pid = os.getpid()
+        self.children: dict[int, int] = {}  # pid -> pidfd (-1 without pidfd support)
+        self.poller = select.poll()  # poll(2) keeps no kernel object: nothing to leak into children
+        self.has_pidfd = hasattr(os, "pidfd_open")
+        self.libc: Any = None
+
+    def run(self) -> int | _Forked:
+        try:
+            config = _make_config(self.args.app, self.args.root_path)
+            config.load()  # imports the app module and uvicorn's protocol classes; no lifespan, no loop
+        except BaseException:  # SystemExit too: uvicorn exits on an import error
+            traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            return 3
+        try:
+            self._check_fit()
+        except _Unfit as exc:
+            self._send({"op": "unfit", "reason": str(exc)})
+            return 0
+        try:
+            import ctypes
+
+            self.libc = ctypes.CDLL(None, use_errno=True)
+        except (ImportError, OSError):
+            self.libc = None  # no PR_SET_PDEATHSIG: the control plane kills orphans itself
+        import gc
+
+        # Objects from the import are never freed; freezing them keeps the collector from touching
+        # (and so copying) their pages in every child.
+        gc.freeze()
+        self._send({"op": "ready", "pid": self.pid})
+        return self._loop(config)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def _loop(self, config: Any) -> int | _Forked:
+        self.poller.register(self.control.fileno(), select.POLLIN)
+        by_pidfd: dict[int, int] = {}
+        while True:
+            # Without pidfds, children are polled for every 50 ms.
+            events = self.poller.poll(None if self.has_pidfd else 50)
+            for fd, _mask in events:
+                if fd == self.control.fileno():
+                    try:
+                        msg, fds, _flags, _addr = socket.recv_fds(self.control, 65536, 8)
+                    except OSError:
+                        msg, fds = b"", []
+                    if not msg:
+                        for extra in fds:
+                            os.close(extra)
+                        self._stop_children()
+                        return 0
+                    forked = self._handle(msg, fds, config)
+                    if forked is not None:
+                        return forked
+                elif fd in by_pidfd:
+                    self._reap(by_pidfd.pop(fd), fd)
+            if not self.has_pidfd:
+                for pid in list(self.children):
+                    self._reap(pid, -1, block=False)
+            # Register pidfds of new children.
+            for pid, pidfd in self.children.items():
+                if pidfd >= 0 and pidfd not in by_pidfd:
+                    by_pidfd[pidfd] = pid
+                    self.poller.register(pidfd, select.POLLIN)
+
+    def _handle(self, msg: bytes, fds: list[int], config: Any) -> _Forked | None:
+        try:
+            request = json.loads(msg)
+            op, instance_id = request["op"], str(request["id"])
+        except (ValueError, KeyError, TypeError):
+            for fd in fds:
+                os.close(fd)
+            return None
+        if op != "fork" or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            self._send({"op": "fork_failed", "id": instance_id, "error": "bad request"})
+            return None
+        # Nothing buffered may be written twice (once by the child).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            self._send({"op": "fork_failed", "id": instance_id, "error": str(exc)})
+            return None
+        if pid == 0:
+            try:
+                return self._become_instance(instance_id, fds, config)
+            except BaseException:
+                traceback.print_exc()
+                os._exit(70)
+        for fd in fds:
+            os.close(fd)
+        pidfd = -1
+        if self.has_pidfd:
+            try:
+                pidfd = os.pidfd_open(pid)  # works on a child that already exited (not yet reaped)
+            except OSError:
+                self.has_pidfd = False
+        self.children[pid] = pidfd
+        self._send({"op": "forked", "id": instance_id, "pid": pid})
+        return None
+
+    def _reap(self, pid: int, pidfd: int, *, block: bool = True) -> None:
+        try:
+            waited, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            waited, status = pid, 255 << 8
+        if waited == 0:
+            return
+        if pidfd >= 0:
+            self.poller.unregister(pidfd)
+            os.close(pidfd)
+        self.children.pop(pid, None)
+        self._send({"op": "exit", "pid": pid, "exit_code": os.waitstatus_to_exitcode(status)})
+
+    def _stop_children(self) -> None:
+        """The control plane is gone: stop every child gracefully, then forcefully; reap them all."""
+        for pid in self.children:
+            _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + _CHILD_STOP_GRACE
+        while self.children and time.monotonic() < deadline:
+            for pid in list(self.children):
+                try:
+                    waited, _status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    waited = pid
+                if waited:
+                    self.children.pop(pid)
+            if self.children:
+                time.sleep(0.02)
+        for pid in self.children:
+            _signal_group(pid, signal.SIGKILL)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self.children.clear()
+
+    def _send(self, message: dict[str, object]) -> None:
+        try:
+            self.control.send(json.dumps(message).encode())
+        except OSError:
+            pass  # the control plane is gone; the next read sees it
+
+    # -- fitness ----------------------------------------------------------------------------------------
+
+    def _check_fit(self) -> None:
+        import threading
+
+        if threading.active_count() > 1:
+            names = ", ".join(t.name for t in threading.enumerate() if t is not threading.main_thread())
+            raise _Unfit(f"importing the app started threads ({names}); forking would copy them half-way")
+        shared = []
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd in (0, 1, 2, self.control.fileno()):
+                continue
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue  # the directory listing's own fd, already closed
+            if target.startswith("socket:") or target in ("anon_inode:[eventpoll]", "anon_inode:[eventfd]"):
+                shared.append(target)
+        if shared:
+            raise _Unfit(
+                f"importing the app opened sockets or an event loop ({', '.join(shared)}); "
+                "forked instances would share them"
+            )
+
+    # -- in the child -----------------------------------------------------------------------------------
+
+    def _become_instance(self, instance_id: str, fds: list[int], config: Any) -> _Forked:
+        os.setsid()  # own session and process group: the control plane stops it with killpg
+        if self.libc is not None:
+            self.libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != self.pid:
+            os._exit(70)  # the template died before the death signal was armed
+        # Nothing of the template's: its control channel, its other children's pidfds.
+        self.control.close()
+        for pidfd in self.children.values():
+            if pidfd >= 0:
+                os.close(pidfd)
+        self.children.clear()
+        out_fd, err_fd, ready_fd = fds
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        os.close(out_fd)
+        os.close(err_fd)
+        os.environ["FASTAPI_DEPLOY_INSTANCE_ID"] = instance_id
+        _reseed()
+        return _Forked(config=config, ready_fd=ready_fd)
+
+
+def _reseed() -> None:
+    """Fresh random state: ``random`` reseeds itself at fork, but say it; numpy's global state does not."""
+    random_module = sys.modules.get("random")
+    if random_module is not None:
+        random_module.seed()
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        try:
+            numpy_random.seed()
+        except Exception:
+            pass
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 if __name__ == "__main__":

@@ -151,6 +151,20 @@ class Backend(Protocol):
         """After a control-plane restart: clean up what a previous run left behind."""
         ...
 
+    # Optional: revision-level preparation. A backend with nothing to prepare per revision implements
+    # both as no-ops; callers may skip ``prepare`` (``start`` prepares lazily) but should ``release``.
+
+    async def prepare(self, spec: InstanceSpec) -> None:
+        """Get ready to start instances of ``spec``'s revision quickly (the process backend: start
+        its template, which imports the app once and forks instances). Never raises for an app
+        error: :meth:`start` reports those."""
+        ...
+
+    async def release(self, deployment_id: str) -> None:
+        """The revision no longer serves (call after its instances drained): free what
+        :meth:`prepare` or :meth:`start` kept for it. Instances of it still running may be stopped."""
+        ...
+
     async def close(self, *, timeout: float = 10.0) -> None:
         """Stop every instance."""
         ...
