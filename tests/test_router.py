@@ -856,6 +856,152 @@ async def test_full_queue_is_503_at_once(apps: tuple[AppServer, AppServer]) -> N
         assert (await waiting).status_code == 200
 
 
+async def test_queued_request_reports_its_wait_and_the_cold_start(apps: tuple[AppServer, AppServer]) -> None:
+    a, _ = apps
+    queued: list[str] = []
+    async with running() as router, client(router) as http:
+        router.on_queue = queued.append
+        router.set_app(HOST, "app-1", [])
+        started = time.monotonic()
+        waiting = asyncio.create_task(http.get("/echo"))
+        await eventually(lambda: router.queued() == {"app-1": 1}, "the request to queue")
+        assert queued == ["app-1"]  # at once, not at the next autoscaler tick
+        router.set_app(HOST, "app-1", [a.upstream()])
+        response = await waiting
+        elapsed_ms = (time.monotonic() - started) * 1000
+        assert response.status_code == 200
+        assert 0 <= int(response.headers["x-queue-time"]) <= elapsed_ms + 1
+        assert response.headers["x-cold-start"] == "1"
+        stats = router.stats["app-1"]
+        assert (stats.queued_total, stats.cold_starts, stats.queued) == (1, 1, 0)
+        assert abs(stats.queue_wait_seconds * 1000 - int(response.headers["x-queue-time"])) <= 1
+
+        # Served at once: no queue headers, no hook call, no counts.
+        response = await http.get("/echo")
+        assert "x-queue-time" not in response.headers
+        assert "x-cold-start" not in response.headers
+        assert queued == ["app-1"]
+        assert (router.stats["app-1"].queued_total, router.stats["app-1"].cold_starts) == (1, 1)
+
+
+async def test_on_queue_may_start_capacity_at_once(apps: tuple[AppServer, AppServer]) -> None:
+    a, _ = apps
+    async with running() as router, client(router) as http:
+        router.set_app(HOST, "app-1", [])
+        # The hook routes the app before it returns: the request it was told about is served right away.
+        router.on_queue = lambda app_id: router.set_app(HOST, app_id, [a.upstream()])
+        response = await http.get("/echo")
+        assert response.status_code == 200
+        assert response.headers["x-queue-time"] == "0"
+        assert response.headers["x-cold-start"] == "1"
+        assert router.queued() == {"app-1": 0}
+        assert router.stats["app-1"].queued_total == 1
+
+
+async def test_queue_timeout_reports_its_wait_despite_a_failing_hook(
+    apps: tuple[AppServer, AppServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(app_id: str) -> None:
+        raise RuntimeError("the control plane is down")
+
+    async with running(RouterConfig(queue_timeout=0.1)) as router, client(router) as http:
+        assert router.on_queue is None
+        router.on_queue = broken
+        router.set_app(HOST, "app-1", [])
+        response = await http.get("/")
+        error_of(response, 503, "no_capacity")
+        assert int(response.headers["x-queue-time"]) >= 99  # loop timers may round to the millisecond
+        assert response.headers["x-cold-start"] == "1"
+        assert "on_queue hook failed" in caplog.text
+        assert router.stats["app-1"].queue_wait_seconds >= 0.099
+
+
+async def test_apps_cannot_forge_the_queue_headers(apps: tuple[AppServer, AppServer]) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Queue-Time: 999\r\nX-Cold-Start: 1\r\n\r\nok"
+    async with fake_upstream(answer) as upstream, running() as router, client(router) as http:
+        router.set_app(HOST, "app-1", [upstream])
+        response = await http.get("/")
+        assert response.text == "ok"
+        assert "x-queue-time" not in response.headers
+        assert "x-cold-start" not in response.headers
+
+
+# -- 10. upstream connection policy ------------------------------------------------------------------
+
+
+async def test_upstream_pool_grows_to_peak_concurrency_and_is_reused(
+    apps: tuple[AppServer, AppServer],
+) -> None:
+    a, _ = apps
+    async with running() as router, client(router) as http:
+        router.set_app(HOST, "app-1", [a.upstream()])
+        ports: list[set[int]] = []
+        for _ in range(2):
+            a.app.gate.clear()
+            held = [asyncio.create_task(http.post("/gated")) for _ in range(6)]
+            await eventually(lambda: router.in_flight() == {"a": 6}, "six requests in flight")
+            a.app.gate.set()
+            ports.append({(await t).json()["client_port"] for t in held})
+            await eventually(lambda: router.in_flight() == {"a": 0}, "in-flight back to 0")
+        # Six at once took six connections; the next six reused them, with no request cap per connection.
+        assert len(ports[0]) == 6
+        assert ports[1] <= ports[0]
+        assert router.idle_connections() == {"a": 6}
+
+
+async def test_connects_in_flight_are_capped_and_a_failed_one_fails_the_waiters(
+    apps: tuple[AppServer, AppServer],
+) -> None:
+    # A listener whose accept queue is full: the kernel drops new SYNs, so connects hang.
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        filler.connect(("127.0.0.1", port))
+        config = RouterConfig(connect_timeout=0.5, upstream_connects=2)
+        async with running(config) as router, client(router) as http:
+            router.set_app(HOST, "app-1", [Upstream(id="stuck-1", host="127.0.0.1", port=port)])
+            requests = [asyncio.create_task(http.get("/")) for _ in range(5)]
+            instance = router._state.instances["stuck-1"]  # white box: the policy has no API
+            await eventually(lambda: len(instance.waiters) == 5, "five requests waiting for a connection")
+            assert instance.connecting == 2
+            started = time.monotonic()
+            for request in requests:  # all answered when the first connect fails...
+                assert "timed out" in error_of(await request, 502, "bad_gateway")["message"]
+            assert time.monotonic() - started < 1.2  # ...not one per timeout (that takes 1.5 s)
+            assert router.in_flight() == {"stuck-1": 0}
+
+
+async def test_many_new_connections_at_once_are_all_served(apps: tuple[AppServer, AppServer]) -> None:
+    a, _ = apps
+    async with running() as router:
+        router.set_app(HOST, "app-1", [a.upstream()])
+        raws = await asyncio.gather(*(RawClient.open(router) for _ in range(200)))
+        for raw in raws:
+            raw.send(get("/echo"))
+        responses = await asyncio.gather(*(raw.response() for raw in raws))
+        assert {r.status_code for r in responses} == {200}
+        for raw in raws:
+            raw.close()
+
+
+async def test_idle_client_connections_hold_no_parser(apps: tuple[AppServer, AppServer]) -> None:
+    a, _ = apps
+    async with running(RouterConfig(idle_timeout=0.4)) as router:
+        router.set_app(HOST, "app-1", [a.upstream()])
+        raw = await RawClient.open(router)
+        raw.send(get("/echo"))
+        assert (await raw.response()).status_code == 200
+        conn = _client_of(router)  # white box: memory has no API
+        assert conn.parser is None  # freed after the first request
+        raw.send(get("/echo"))
+        assert (await raw.response()).status_code == 200
+        assert conn.parser is not None  # kept while the client reuses its connection...
+        await eventually(lambda: conn.parser is None, "the sweep to free the parser")  # ...then freed
+        assert conn.pipeline is None
+        assert await raw.closed()  # and closed at the idle timeout
+
+
 # -- atomic switch, drain ----------------------------------------------------------------------------
 
 

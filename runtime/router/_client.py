@@ -2,6 +2,11 @@
 
 Requests are handled strictly in order (pipelined ones wait, their bodies buffered up to a bound), so
 responses can never interleave. Everything runs in protocol callbacks: no task and no await per request.
+
+Idle keep-alive connections are kept small, since there can be tens of thousands: no timer each (the
+router's sweep enforces the idle timeout), the parser is created when bytes arrive and freed when the
+connection goes idle after its first request (and by the sweep once it idles later), the pipeline queue
+exists only while requests are pipelined.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ class _Stop(Exception):
     """Raised in a parser callback to stop parsing what is left of the data."""
 
 
+#: The headers of no request: what an idle connection holds (never appended to: every request starts
+#: with on_message_begin, which gives it a list of its own).
+_NO_HEADERS: list[tuple[bytes, bytes]] = []
+
+
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "advancing",
@@ -37,11 +47,11 @@ class ClientConnection(asyncio.Protocol):
         "dead",
         "ended_here",
         "eof",
+        "feeding",
         "head_continues",
         "head_size",
         "headers",
         "idle_since",
-        "idle_timer",
         "in_head",
         "loop",
         "parser",
@@ -50,6 +60,7 @@ class ClientConnection(asyncio.Protocol):
         "pipeline",
         "raw",
         "raw_size",
+        "served",
         "state",
         "transport",
         "url",
@@ -57,49 +68,41 @@ class ClientConnection(asyncio.Protocol):
     )
     transport: asyncio.Transport
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, client_ip: bytes) -> None:
         assert state.loop is not None
         self.state = state
         self.config = state.config
         self.loop = state.loop
-        self.parser = httptools.HttpRequestParser(self)
-        self.client_ip = b""
+        self.parser: httptools.HttpRequestParser | None = None  # while bytes of a request may be in it
+        self.client_ip = client_ip
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers = _NO_HEADERS
         self.head_size = self.raw_size = 0  # parsed head bytes; raw bytes received while in a head
         self.in_head = self.head_continues = self.ended_here = False
         self.parsing: Exchange | None = None  # the request whose body is arriving
         self.current: Exchange | None = None  # the request being served
-        self.pipeline: deque[Exchange] = deque()  # requests parsed and waiting their turn
+        self.pipeline: deque[Exchange] | None = None  # requests parsed and waiting their turn
         self.paused = 0  # PAUSE_* bits
         self.write_paused = False
-        self.closing = self.dead = self.raw = self.eof = self.advancing = False
+        self.closing = self.dead = self.raw = self.eof = self.advancing = self.served = self.feeding = False
         self.idle_since = 0.0
-        self.idle_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        self.client_ip = str(peer[0]).encode() if isinstance(peer, tuple) else b"unknown"
         self.state.clients.add(self)
         if self.state.stopping:
             self.close()
             return
         self.idle_since = self.loop.time()
-        self.idle_timer = self.loop.call_later(self.config.idle_timeout, self._check_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
         ex = self.current
         if ex is not None:
             ex.cancel()
-        self.current = self.parsing = None
-        self.pipeline.clear()
+        self.current = self.parsing = self.pipeline = self.parser = None
         self.state.client_gone(self)
 
     def eof_received(self) -> bool | None:
@@ -116,8 +119,12 @@ class ClientConnection(asyncio.Protocol):
         if self.dead:
             return
         self.ended_here = False
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpRequestParser(self)
+        self.feeding = True
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             # After an Upgrade request head, the client's bytes go upstream untouched.
             self.raw = True
@@ -132,6 +139,8 @@ class ClientConnection(asyncio.Protocol):
             if not self.closing and not self.dead:
                 self.fail("bad_request", f"The request could not be parsed: {exc}.")
             return
+        finally:
+            self.feeding = False
         if self.in_head:
             # An unfinished head: httptools holds the partial header itself, so count raw bytes. If an
             # earlier (pipelined) request ended in the same read, that read is not counted: the head is
@@ -181,13 +190,16 @@ class ClientConnection(asyncio.Protocol):
             self._headers_too_large(self.head_size)
             raise _Stop
         parser = self.parser
+        assert parser is not None
         method = parser.get_method()
         if method == b"CONNECT":
             self.fail("bad_request", "CONNECT is not supported: this is a reverse proxy.")
             raise _Stop
         upgrade = parser.should_upgrade()
+        url, headers = self.url, self.headers
+        self.url, self.headers = b"", _NO_HEADERS  # not kept while the connection idles
         try:
-            head = rewrite_request(method, self.url, self.headers, self.client_ip, upgrade=upgrade)
+            head = rewrite_request(method, url, headers, self.client_ip, upgrade=upgrade)
         except BadRequest as exc:
             self.fail("bad_request", str(exc))
             raise _Stop from None
@@ -197,15 +209,11 @@ class ClientConnection(asyncio.Protocol):
             body = REQ_CHUNKED
         else:
             body = REQ_LENGTH if head.content_length > 0 else REQ_NONE
-        ex = Exchange(
-            self,
-            method,
-            head,
-            keep_alive=parser.should_keep_alive(),
-            http10=parser.get_http_version() == "1.0",
-            upgrade=upgrade,
-            body=body,
-        )
+        keep_alive = parser.should_keep_alive()
+        # Without a Connection header (llhttp reads Proxy-Connection too), llhttp keeps HTTP/1.1 alive and
+        # closes HTTP/1.0: the version is known without get_http_version, which formats a string.
+        http10 = parser.get_http_version() == "1.0" if head.connection else not keep_alive
+        ex = Exchange(self, method, head, keep_alive=keep_alive, http10=http10, upgrade=upgrade, body=body)
         self.parsing = ex
         if head.content_length > config.max_body_bytes:
             # Refuse before reading a byte of it; the answer waits for its turn like any other.
@@ -268,6 +276,8 @@ class ClientConnection(asyncio.Protocol):
             self.current = ex
             ex.dispatch()
         else:
+            if self.pipeline is None:
+                self.pipeline = deque()
             self.pipeline.append(ex)
             self.pause(PAUSE_PIPELINE)
 
@@ -286,6 +296,7 @@ class ClientConnection(asyncio.Protocol):
                 elif self.pipeline:
                     ex = self.current = self.pipeline.popleft()
                     if not self.pipeline:
+                        self.pipeline = None
                         self.resume(PAUSE_PIPELINE)
                     ex.dispatch()
                     continue
@@ -293,6 +304,11 @@ class ClientConnection(asyncio.Protocol):
                     self.close()
                 else:
                     self.idle_since = self.loop.time()
+                    if not self.served:
+                        # Most connections that idle after their first request make no other soon; one
+                        # that does reuse its connection keeps its parser until the sweep finds it idle.
+                        self.served = True
+                        self._drop_parser()
                 return
         finally:
             self.advancing = False
@@ -301,22 +317,25 @@ class ClientConnection(asyncio.Protocol):
         """Answered before the body was all read: the rest is dropped, within the idle timeout."""
         self.idle_since = self.loop.time()
 
-    def _check_idle(self) -> None:
-        # One lazy timer per connection: it fires at the earliest possible deadline and re-arms itself,
-        # so requests never schedule or cancel timers.
-        self.idle_timer = None
+    def sweep(self, deadline: float) -> bool:
+        """Called by the router's sweep: True if the connection has been idle since before ``deadline``
+        (no request in progress, or one whose head or rest of body is overdue) and must be closed."""
         if self.closing:
-            return
-        timeout = self.config.idle_timeout
+            return False
         ex = self.current
         if self.raw or (ex is not None and not ex.response_done):
-            delay = timeout  # busy; look again later
-        else:
-            delay = self.idle_since + timeout - self.loop.time()
-            if delay <= 0:
-                self.close()
-                return
-        self.idle_timer = self.loop.call_later(delay, self._check_idle)
+            return False  # busy: a request in progress has timeouts of its own
+        if self.idle_since <= deadline:
+            return True
+        if ex is None:
+            self._drop_parser()
+        return False
+
+    def _drop_parser(self) -> None:
+        # Only between requests (nothing of a next one may be in the parser yet), and not from within
+        # its own callbacks (what is left of the data would go on through it).
+        if not self.feeding and not self.in_head and self.parsing is None and not self.dead:
+            self.parser = None
 
     def pause(self, reason: int) -> None:
         if not self.paused and not self.closing:

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 #: to an app (``upstream_id`` is None when no instance was reached). Runs on the event loop: keep it cheap.
 RequestDoneHook = Callable[[str, "str | None", int, float], None]
 
+#: ``on_queue(app_id)``: a request started waiting in the app's queue (the app has no instance), so the
+#: control plane can start capacity at once. Runs on the event loop, once per queued request: keep it cheap.
+QueueHook = Callable[[str], None]
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -34,6 +38,14 @@ class RouterConfig:
     upstream_idle_timeout: float = 4.0
     """Pooled upstream connections idle this long are retired: before uvicorn's 5 s keep-alive closes them
     from its side, which would race with a request we send on them."""
+
+    upstream_connects: int = 8
+    """New connections being opened to one instance at once. Requests beyond that wait (FIFO) for one of
+    them or for a pooled connection to free up, whichever comes first: a loaded uvicorn accepts slowly,
+    so a burst of connects costs more than the wait, and the pool still grows to the peak concurrency."""
+
+    backlog: int = 2048
+    """The listening socket's accept queue. The router empties it at each readiness event."""
 
     queue_timeout: float = 10.0
     """How long a request waits for an instance when its app has none. Over it: ``503`` + ``Retry-After``."""
@@ -73,3 +85,11 @@ class AppStats:
     """Of those, answered with a 5xx status (by the app or by the router) or with the connection dropped."""
     queued: int = 0
     """Requests waiting right now for an instance of the app."""
+    queued_total: int = 0
+    """Requests that waited in the app's queue (answered ``X-Queue-Time``)."""
+    cold_starts: int = 0
+    """Of those, requests that arrived while the app had no instance at all (answered ``X-Cold-Start: 1``).
+    Today every queued request is one: the queue is only used while the app has no instance."""
+    queue_wait_seconds: float = 0.0
+    """Seconds spent waiting in the app's queue, summed over the requests that left it (served, timed out,
+    cancelled or refused)."""

@@ -2,20 +2,21 @@
 
     dispatch ─► no route ──────────────────────────────► 404
        │     └► empty pool ─► queued ─► set_app ─► pick   (queue_timeout / queue full: 503)
-       └► pick (least outstanding) ─► pooled connection or connect ─► attach ─► relay ─► finish
-                                       └► connect failed: next instance, else 502
+       └► pick (least outstanding) ─► pooled connection, or wait for one ─► attach ─► relay ─► finish
+                                       (_connections)      └► connect failed: next instance, else 502
 
 An exchange holds one in-flight slot of its instance from the pick until the response is fully relayed
-(or fails); `State.instance_done` gives it back.
+(or fails); `State.instance_done` gives it back. A request that waited in the app's queue is answered
+with ``X-Queue-Time: <ms>``, and ``X-Cold-Start: 1`` if the app had no instance when it arrived.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import TYPE_CHECKING
 
+from ._connections import connection_free, request_connection
 from ._http import BODY_CLOSE, RequestHead, error_response, new_request_id, rewrite_response
 from ._upstream import PAUSE_BUFFER, PAUSE_UPSTREAM, UpstreamConnection
 
@@ -42,6 +43,7 @@ class Exchange:
         "buffer",
         "buffered",
         "client",
+        "cold",
         "error",
         "failures",
         "finished",
@@ -52,6 +54,7 @@ class Exchange:
         "method",
         "pool",
         "queued",
+        "queued_at",
         "received",
         "request_done",
         "request_id",
@@ -65,6 +68,8 @@ class Exchange:
         "up",
         "upgrade",
         "upstream_id",
+        "waited",
+        "waiting",
     )
 
     def __init__(
@@ -96,7 +101,9 @@ class Exchange:
         self.up: UpstreamConnection | None = None
         self.status = 0
         self.responded = self.response_done = self.finished = False
-        self.queued = self.retried = self.broken = False
+        self.queued = self.retried = self.broken = self.waiting = self.cold = False
+        self.queued_at = 0.0
+        self.waited = -1.0  # seconds in the app's queue, once it left it (-1: never queued)
         self.timer: asyncio.TimerHandle | None = None
         self.tried: list[Instance] | None = None
         self.failures: list[str] | None = None
@@ -137,14 +144,7 @@ class Exchange:
         inst.acquire()
         self.inst = inst
         self.upstream_id = inst.id
-        state = self.client.state
-        if inst.idle:
-            assert state.loop is not None
-            conn = inst.take_idle(state.loop.time(), state.config.upstream_idle_timeout)
-            if conn is not None:
-                self._attach(conn)
-                return
-        state.spawn(self._connect(inst), f"router:connect:{inst.id}")
+        request_connection(self.client.state, self, inst)
 
     def _enqueue(self, pool: AppPool) -> None:
         state = self.client.state
@@ -160,11 +160,23 @@ class Exchange:
                 retry_after=config.retry_after,
             )
             return
-        pool.waiting.append(self)
-        pool.stats.queued += 1
-        self.queued = True
         assert state.loop is not None
+        pool.waiting.append(self)
+        self.queued = True
+        self.queued_at = state.loop.time()
+        stats = pool.stats
+        stats.queued += 1
+        stats.queued_total += 1
+        if not pool.instances:
+            self.cold = True
+            stats.cold_starts += 1
         self.timer = state.loop.call_later(config.queue_timeout, self._queue_expired)
+        hook = state.on_queue
+        if hook is not None:  # last: it may well set_app at once, which dispatches this request
+            try:
+                hook(pool.app_id)
+            except Exception:
+                logger.exception("router: on_queue hook failed")
 
     def unqueue_and_dispatch(self) -> None:
         """The app got instances (or was removed): try again. The caller popped us from the queue."""
@@ -174,8 +186,13 @@ class Exchange:
 
     def _unqueued(self) -> None:
         self.queued = False
+        loop = self.client.state.loop
+        assert loop is not None
+        self.waited = loop.time() - self.queued_at
         if self.pool is not None:
-            self.pool.stats.queued -= 1
+            stats = self.pool.stats
+            stats.queued -= 1
+            stats.queue_wait_seconds += self.waited
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -194,29 +211,8 @@ class Exchange:
             retry_after=config.retry_after,
         )
 
-    async def _connect(self, inst: Instance) -> None:
-        state = self.client.state
-        loop = state.loop
-        assert loop is not None
-        timeout = state.config.connect_timeout
-        try:
-            async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(state, inst), inst.host, inst.port
-                )
-        except TimeoutError:
-            self._connect_failed(inst, f"connect timed out after {timeout:g} s")
-            return
-        except OSError as exc:
-            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-            self._connect_failed(inst, reason)
-            return
-        if self.inst is not inst:  # the client went away meanwhile: keep the connection for the next one
-            inst.put_idle(conn, loop.time())
-            return
-        self._attach(conn)
-
-    def _connect_failed(self, inst: Instance, reason: str) -> None:
+    def connect_failed(self, inst: Instance, reason: str) -> None:
+        """No connection to ``inst`` could be opened for this request (it was waiting for one)."""
         if self.inst is not inst:
             return
         self.inst = None
@@ -227,11 +223,21 @@ class Exchange:
         if not self.finished:
             self._pick()
 
-    def _attach(self, conn: UpstreamConnection) -> None:
+    def attach(self, conn: UpstreamConnection) -> None:
+        """Send the request on ``conn`` (pooled, freed by another request or just opened)."""
         self.up = conn
-        assert self.head is not None
-        data = [self.head.data]
+        head = self.head
+        assert head is not None
         buffer = self.buffer
+        if not buffer and (self.body != REQ_CHUNKED or not self.request_done):
+            conn.attach(self, head.data)  # the usual case: nothing but the head to send yet
+        else:
+            self._attach_with_body(conn, head.data, buffer)
+        if head.expect_continue and not self.request_done and not self.http10 and self.body != REQ_NONE:
+            self.client.transport.write(_CONTINUE)
+
+    def _attach_with_body(self, conn: UpstreamConnection, head: bytes, buffer: list[bytes] | None) -> None:
+        data = [head]
         if buffer:
             self.buffer = None
             self.buffered = 0
@@ -244,8 +250,6 @@ class Exchange:
         if self.request_done and self.body == REQ_CHUNKED:
             data.append(_LAST_CHUNK)
         conn.attach(self, data)
-        if self.head.expect_continue and not self.request_done and not self.http10 and self.body != REQ_NONE:
-            self.client.transport.write(_CONTINUE)
 
     # -- request side, driven by the client connection
 
@@ -322,6 +326,7 @@ class Exchange:
             no_body=no_body,
             keep_alive=keep_alive,
             http10=self.http10,
+            extra=self._queue_headers() if self.waited >= 0 else b"",
         )
         self.keep_alive = keep_alive and mode != BODY_CLOSE
         self.status = status
@@ -335,19 +340,20 @@ class Exchange:
         inst = self.inst
         self.inst = None
         state = self.client.state
-        if keep_alive and self.request_done and not self.upgrade and not state.stopping and inst is not None:
-            assert state.loop is not None
+        if keep_alive and self.request_done and not self.upgrade and inst is not None:
             conn.reused = True
-            inst.put_idle(conn, state.loop.time())
+            connection_free(state, inst, conn)  # to a request waiting for it, or into the pool
         else:
             conn.close()
         if inst is not None:
             state.instance_done(inst)
-        self.client.resume(PAUSE_UPSTREAM)
+        client = self.client
+        if client.paused & PAUSE_UPSTREAM:
+            client.resume(PAUSE_UPSTREAM)
         if self.request_done:
             self._finish()
         else:
-            self.client.response_sent_early()
+            client.response_sent_early()
 
     def upstream_failed(self, conn: UpstreamConnection, message: str, *, timeout: bool = False) -> None:
         if conn.ex is not self:
@@ -399,6 +405,7 @@ class Exchange:
             http10=self.http10,
             head_only=self.method == b"HEAD",
             retry_after=retry_after,
+            extra=self._queue_headers() if self.waited >= 0 else b"",
         )
         self.keep_alive = keep_alive
         self.responded = self.response_done = True
@@ -409,12 +416,20 @@ class Exchange:
         if self.request_done or not keep_alive:
             self._finish()
 
+    def _queue_headers(self) -> bytes:
+        ms = round(self.waited * 1000)
+        return b"X-Queue-Time: %d\r\nX-Cold-Start: 1\r\n" % ms if self.cold else b"X-Queue-Time: %d\r\n" % ms
+
     def _detach(self, *, graceful: bool = False) -> None:
         """Let go of the queue slot, the upstream connection and the in-flight slot, whichever are held."""
         if self.queued:
             assert self.pool is not None
             self.pool.waiting.remove(self)
             self._unqueued()
+        if self.waiting:  # for a connection to its instance
+            assert self.inst is not None
+            self.waiting = False
+            self.inst.waiters.remove(self)
         up = self.up
         if up is not None:
             self.up = None

@@ -5,6 +5,8 @@ Everything here works on ``bytes`` as ``httptools`` hands them over, so no reque
 
 from __future__ import annotations
 
+import binascii
+import functools
 import json
 import random
 import re
@@ -12,25 +14,48 @@ from http import HTTPStatus
 
 import httptools
 
-# Dropped on the way in; the router re-frames the body and adds its own forwarding headers.
-_REQUEST_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"expect",  # the router answers 100-continue itself once an instance is ready
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-    }
-)
-_RESPONSE_HOP = frozenset(
-    {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"x-request-id"}
-)
+# What the rewriting does with a header, by lower-case name (one dict lookup per header); any other
+# header is copied, unless it starts with "proxy-" (hop-by-hop by convention).
+_COPY = 0  # copied, but the router needs its value
+_DROP = 1  # hop-by-hop, or set by the router itself
+_CONNECTION = 2
+_UPGRADE = 3
+_TRANSFER_ENCODING = 4
+_HOST = 5
+_CONTENT_LENGTH = 6
+_FORWARDED_FOR = 7
+_REQUEST_ID = 8
+_EXPECT = 9  # the router answers 100-continue itself once an instance is ready
+
+_REQUEST_HEADERS = {
+    b"host": _HOST,
+    b"content-length": _CONTENT_LENGTH,
+    b"x-forwarded-for": _FORWARDED_FOR,
+    b"x-request-id": _REQUEST_ID,
+    b"connection": _CONNECTION,
+    b"upgrade": _UPGRADE,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"expect": _EXPECT,
+    b"keep-alive": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+    b"x-forwarded-proto": _DROP,
+    b"x-forwarded-host": _DROP,
+}
+_RESPONSE_HEADERS = {
+    b"content-length": _CONTENT_LENGTH,
+    b"connection": _CONNECTION,
+    b"upgrade": _UPGRADE,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"keep-alive": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+    b"x-request-id": _DROP,
+    b"x-queue-time": _DROP,  # the router's to say
+    b"x-cold-start": _DROP,
+}
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
-_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
+_VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 
 # How the response body travels to the client.
 BODY_NONE = 0  # HEAD, 1xx, 204, 304: nothing follows the head
@@ -46,26 +71,35 @@ class BadRequest(Exception):
 class RequestHead:
     """A client request head rewritten for the upstream, plus what the router needs to know about it."""
 
-    __slots__ = ("chunked", "content_length", "data", "expect_continue", "host", "request_id")
+    __slots__ = ("chunked", "connection", "content_length", "data", "expect_continue", "host", "request_id")
 
-    def __init__(self, data: bytes, host: bytes, request_id: bytes, length: int, chunked: bool, expect: bool):
+    def __init__(
+        self,
+        data: bytes,
+        host: bytes,
+        request_id: bytes,
+        length: int,
+        chunked: bool,
+        expect: bool,
+        connection: bool,
+    ) -> None:
         self.data = data
         self.host = host  # the routing key
         self.request_id = request_id
         self.content_length = length  # -1: none declared
         self.chunked = chunked
         self.expect_continue = expect
+        self.connection = connection  # a Connection (or Proxy-*) header was there: llhttp's keep-alive
+        # answer then says nothing about the HTTP version
 
 
 def new_request_id() -> bytes:
-    """A uuid4 in hex, as ``uuid.uuid4().hex`` but without its per-call ``os.urandom`` system call: an id
-    needs to be unique, not secret."""
-    value = random.getrandbits(128)
-    value = (value & ~(0xC000 << 48)) | (0x8000 << 48)  # RFC 4122 variant
-    value = (value & ~(0xF000 << 64)) | (4 << 76)  # version 4
-    return b"%032x" % value
+    """128 random bits in hex (32 characters, like ``uuid.uuid4().hex``), without uuid4's per-call
+    ``os.urandom`` system call: an id needs to be unique, not secret."""
+    return binascii.hexlify(random.randbytes(16))
 
 
+@functools.lru_cache(maxsize=1024)  # a few distinct Host values carry nearly all requests
 def route_key(host: bytes) -> bytes:
     """``Host`` header value -> routing key: lower-case, no port, no trailing dot."""
     host = host.strip().lower()
@@ -74,6 +108,17 @@ def route_key(host: bytes) -> bytes:
     else:
         host = host.partition(b":")[0]
     return host.rstrip(b".")
+
+
+def _without(pieces: list[bytes], names: list[bytes]) -> list[bytes]:
+    """``pieces`` (a first line, then four pieces per header: name, ": ", value, CRLF) minus the headers
+    named (lower-case). For the rare heads that need it: RFC 7230 §6.1 says headers named in Connection
+    are hop-by-hop too."""
+    kept = pieces[:1]
+    for at in range(1, len(pieces), 4):
+        if pieces[at].lower() not in names:
+            kept += pieces[at : at + 4]
+    return kept
 
 
 def rewrite_request(
@@ -86,38 +131,44 @@ def rewrite_request(
 ) -> RequestHead:
     """Build the head sent upstream: original headers minus hop-by-hop ones, plus ``X-Forwarded-*`` and
     ``X-Request-ID``; the original ``Host`` is kept (apps check it). Raises `BadRequest`."""
-    lines = [b"%s %s HTTP/1.1\r\n" % (method, url)]
+    out = [b"%s %s HTTP/1.1\r\n" % (method, url)]
     host: bytes | None = None
     forwarded_for = request_id = upgrade_to = transfer_encoding = b""
-    connection_tokens: list[bytes] = []
+    connection_tokens: list[bytes] | None = None
     length = -1
-    expect = False
+    expect = proxy = False
+    kinds = _REQUEST_HEADERS
     for name, value in headers:
         lname = name.lower()
-        if lname == b"host":
+        kind = kinds.get(lname)
+        if kind is None:
+            if lname[:6] != b"proxy-":
+                out += (name, b": ", value, b"\r\n")
+            else:
+                proxy = True
+        elif kind == _HOST:
             if host is not None:
                 raise BadRequest("The request has more than one Host header.")
             host = value
-        elif lname == b"content-length":
+            out += (name, b": ", value, b"\r\n")
+        elif kind == _CONTENT_LENGTH:
             length = int(value)  # llhttp has validated it already
-        elif lname == b"x-forwarded-for":
+            out += (name, b": ", value, b"\r\n")
+        elif kind == _FORWARDED_FOR:
             forwarded_for = forwarded_for + b", " + value if forwarded_for else value
-            continue
-        elif lname == b"x-request-id":
-            if not request_id and _REQUEST_ID.fullmatch(value):
+        elif kind == _REQUEST_ID:
+            if not request_id and _VALID_REQUEST_ID.fullmatch(value):
                 request_id = value
-            continue
-        elif lname in _REQUEST_HOP or lname.startswith(b"proxy-"):
-            if lname == b"connection":
-                connection_tokens.extend(t.strip().lower() for t in value.split(b","))
-            elif lname == b"upgrade":
-                upgrade_to = value
-            elif lname == b"transfer-encoding":
-                transfer_encoding = value
-            elif lname == b"expect":
-                expect = value.lower() == b"100-continue"
-            continue
-        lines.append(b"%s: %s\r\n" % (name, value))
+        elif kind == _CONNECTION:
+            if connection_tokens is None:
+                connection_tokens = []
+            connection_tokens.extend(t.strip().lower() for t in value.split(b","))
+        elif kind == _UPGRADE:
+            upgrade_to = value
+        elif kind == _TRANSFER_ENCODING:
+            transfer_encoding = value
+        elif kind == _EXPECT:
+            expect = value.lower() == b"100-continue"
 
     if url[:1] != b"/" and url != b"*" and method != b"CONNECT":
         # absolute-form (RFC 7230 §5.3.2): the URL's authority wins over the Host header
@@ -128,31 +179,40 @@ def rewrite_request(
         if parsed.host:
             host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
             target = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
-            lines[0] = b"%s %s HTTP/1.1\r\n" % (method, target)
-            lines = [line for line in lines if not line[:5].lower() == b"host:"]
-            lines.append(b"Host: %s\r\n" % host)
+            out = _without(out, [b"host"])
+            out[0] = b"%s %s HTTP/1.1\r\n" % (method, target)
+            out += (b"Host", b": ", host, b"\r\n")
     if not host:
         raise BadRequest("The request has no Host header.")
 
-    extra = [t for t in connection_tokens if t and t not in _CONNECTION_OPTIONS]
-    if extra:  # RFC 7230 §6.1: headers named in Connection are hop-by-hop too
-        lines = [lines[0], *(line for line in lines[1:] if line.partition(b":")[0].lower() not in extra)]
+    if connection_tokens is not None:
+        extra = [t for t in connection_tokens if t and t not in _CONNECTION_OPTIONS]
+        if extra:
+            out = _without(out, extra)
 
     client = forwarded_for + b", " + client_ip if forwarded_for else client_ip
     request_id = request_id or new_request_id()
-    lines.append(
+    out.append(
         b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\nX-Request-ID: %s\r\n"
         % (client, host, request_id)
     )
     if upgrade:
         # The rest of the client's bytes are relayed raw, so its framing headers must stay as they were.
-        lines.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % upgrade_to)
+        out.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % upgrade_to)
         if transfer_encoding:
-            lines.append(b"Transfer-Encoding: %s\r\n" % transfer_encoding)
+            out.append(b"Transfer-Encoding: %s\r\n" % transfer_encoding)
     elif transfer_encoding:
-        lines.append(b"Transfer-Encoding: chunked\r\n")  # llhttp only accepts requests ending in chunked
-    lines.append(b"\r\n")
-    return RequestHead(b"".join(lines), route_key(host), request_id, length, bool(transfer_encoding), expect)
+        out.append(b"Transfer-Encoding: chunked\r\n")  # llhttp only accepts requests ending in chunked
+    out.append(b"\r\n")
+    return RequestHead(
+        b"".join(out),
+        route_key(host),
+        request_id,
+        length,
+        bool(transfer_encoding),
+        expect,
+        connection_tokens is not None or proxy,
+    )
 
 
 def rewrite_response(
@@ -164,34 +224,42 @@ def rewrite_response(
     no_body: bool,
     keep_alive: bool,
     http10: bool,
+    extra: bytes = b"",
 ) -> tuple[bytes, int, int]:
     """The response head for the client: upstream headers minus hop-by-hop ones, our framing and
-    ``Connection``, and ``X-Request-ID``. Returns (head, upstream body framing, client body framing)."""
-    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-    connection_tokens: list[bytes] = []
+    ``Connection``, ``X-Request-ID`` and ``extra`` (whole header lines). Returns (head, upstream body
+    framing, client body framing)."""
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    connection_tokens: list[bytes] | None = None
     upgrade_to = b""
     has_length = chunked = False
+    kinds = _RESPONSE_HEADERS
     for name, value in headers:
         lname = name.lower()
-        if lname == b"content-length":
+        kind = kinds.get(lname)
+        if kind is None:
+            if lname[:6] != b"proxy-":
+                out += (name, b": ", value, b"\r\n")
+        elif kind == _CONTENT_LENGTH:
             has_length = True
-        elif lname in _RESPONSE_HOP or lname.startswith(b"proxy-"):
-            if lname == b"connection":
-                connection_tokens.extend(t.strip().lower() for t in value.split(b","))
-            elif lname == b"upgrade":
-                upgrade_to = value
-            elif lname == b"transfer-encoding":
-                # chunked must be the last coding, else the body runs until close (RFC 7230 §3.3.3)
-                chunked = value.rstrip().lower().endswith(b"chunked")
-            continue
-        lines.append(b"%s: %s\r\n" % (name, value))
-    extra = [t for t in connection_tokens if t and t not in _CONNECTION_OPTIONS]
-    if extra:
-        lines = [lines[0], *(line for line in lines[1:] if line.partition(b":")[0].lower() not in extra)]
-    lines.append(b"X-Request-ID: %s\r\n" % request_id)
+            out += (name, b": ", value, b"\r\n")
+        elif kind == _CONNECTION:
+            if connection_tokens is None:
+                connection_tokens = []
+            connection_tokens.extend(t.strip().lower() for t in value.split(b","))
+        elif kind == _UPGRADE:
+            upgrade_to = value
+        elif kind == _TRANSFER_ENCODING:
+            # chunked must be the last coding, else the body runs until close (RFC 7230 §3.3.3)
+            chunked = value.rstrip().lower().endswith(b"chunked")
+    if connection_tokens is not None:
+        hop = [t for t in connection_tokens if t and t not in _CONNECTION_OPTIONS]
+        if hop:
+            out = _without(out, hop)
+    out += (b"X-Request-ID: ", request_id, b"\r\n", extra)
     if status == 101:
-        lines.append(b"Connection: upgrade\r\nUpgrade: %s\r\n\r\n" % upgrade_to)
-        return b"".join(lines), BODY_NONE, BODY_NONE
+        out.append(b"Connection: upgrade\r\nUpgrade: %s\r\n\r\n" % upgrade_to)
+        return b"".join(out), BODY_NONE, BODY_NONE
     if no_body:
         upstream = client = BODY_NONE
     elif has_length and not chunked:
@@ -202,14 +270,14 @@ def rewrite_response(
         if http10:
             keep_alive = False
         else:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
+            out.append(b"Transfer-Encoding: chunked\r\n")
     if not keep_alive:
-        lines.append(b"Connection: close\r\n\r\n")
+        out.append(b"Connection: close\r\n\r\n")
     elif http10:
-        lines.append(b"Connection: keep-alive\r\n\r\n")
+        out.append(b"Connection: keep-alive\r\n\r\n")
     else:
-        lines.append(b"\r\n")
-    return b"".join(lines), upstream, client
+        out.append(b"\r\n")
+    return b"".join(out), upstream, client
 
 
 # code -> (status, title, hint)
@@ -241,8 +309,10 @@ def error_response(
     http10: bool = False,
     head_only: bool = False,
     retry_after: int | None = None,
+    extra: bytes = b"",
 ) -> tuple[int, bytes]:
-    """A complete JSON error response (status, bytes) in our ``{"error": {...}}`` shape."""
+    """A complete JSON error response (status, bytes) in our ``{"error": {...}}`` shape; ``extra``: more
+    header lines."""
     status, title, hint = ERRORS[code]
     body = json.dumps(
         {"error": {"code": code, "title": title, "message": message, "hint": hint}}, separators=(",", ":")
@@ -253,6 +323,8 @@ def error_response(
     ]
     if retry_after is not None:
         head.append(b"Retry-After: %d\r\n" % retry_after)
+    if extra:
+        head.append(extra)
     if not keep_alive:
         head.append(b"Connection: close\r\n")
     elif http10:

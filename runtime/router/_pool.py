@@ -1,8 +1,10 @@
 """The router's shared state: which hosts map to which instances, and the per-instance connection pools.
 
-    State                      one per Router: config, routes, instances, live client connections
+    State                      one per Router: config, routes, instances, live client connections,
+    │                          the sweep of idle connections
     ├── AppPool (per Host)     the instances serving a host, least-outstanding pick, the waiting queue
-    └── Instance (per id)      in-flight count, idle keep-alive connections (LIFO), drain waiters
+    └── Instance (per id)      in-flight count, idle keep-alive connections (LIFO), requests waiting for
+                               a connection and connects in flight (policy: _connections), drain waiters
 
 Instances are keyed by id and shared by every host that routes to them, so an app reachable under two
 names is balanced on one set of counts, and a redeploy that keeps an instance keeps its warm connections.
@@ -15,7 +17,7 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from ._config import AppStats, RequestDoneHook, RouterConfig, Upstream
+from ._config import AppStats, QueueHook, RequestDoneHook, RouterConfig, Upstream
 
 if TYPE_CHECKING:
     from ._client import ClientConnection
@@ -31,15 +33,30 @@ def route_key(hostname: str) -> bytes:
 class Instance:
     """Bookkeeping of one upstream instance (by id)."""
 
-    __slots__ = ("drained", "host", "id", "idle", "in_flight", "port", "routed", "upstream")
+    __slots__ = (
+        "address",
+        "connecting",
+        "drained",
+        "host",
+        "id",
+        "idle",
+        "in_flight",
+        "port",
+        "routed",
+        "upstream",
+        "waiters",
+    )
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
         self.id = upstream.id
         self.host = upstream.host
         self.port = upstream.port
+        self.address = (self.host, self.port)  # a new tuple when the instance moves: compared by identity
         self.in_flight = 0
         self.idle: list[UpstreamConnection] = []  # most recently used last: reuse the warmest
+        self.waiters: deque[Exchange] = deque()  # requests waiting for a connection, first come first served
+        self.connecting = 0  # connects in flight
         self.drained: list[asyncio.Future[None]] = []
         self.routed = True  # still in some host's pool; unrouted and drained -> forgotten
 
@@ -47,22 +64,20 @@ class Instance:
         """A newer `Upstream` object for the same id: it carries the count from now on."""
         upstream.in_flight = self.in_flight
         self.upstream = upstream
-        if (upstream.host, upstream.port) != (self.host, self.port):
+        if (upstream.host, upstream.port) != self.address:
             self.host, self.port = upstream.host, upstream.port
+            self.address = (self.host, self.port)
             self.close_idle()  # connections to the old address stay with the requests using them
 
     def acquire(self) -> None:
         self.in_flight += 1
         self.upstream.in_flight = self.in_flight
 
-    def release(self) -> None:
-        self.in_flight -= 1
-        self.upstream.in_flight = self.in_flight
-        if not self.in_flight and self.drained:
-            for waiter in self.drained:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self.drained.clear()
+    def notify_drained(self) -> None:
+        for waiter in self.drained:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.drained.clear()
 
     def take_idle(self, now: float, max_idle: float) -> UpstreamConnection | None:
         idle = self.idle
@@ -76,13 +91,6 @@ class Instance:
             conn.close()
             self.close_idle()
         return None
-
-    def put_idle(self, conn: UpstreamConnection, now: float) -> None:
-        if not self.routed or (conn.host, conn.port) != (self.host, self.port):
-            conn.close()
-            return
-        conn.idle_since = now
-        self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
         """An idle connection was closed by the instance."""
@@ -124,6 +132,8 @@ class AppPool:
         """Least outstanding requests; ties go round robin. None if every instance is excluded."""
         instances = self.instances
         count = len(instances)
+        if count == 1 and exclude is None:
+            return instances[0]
         best: Instance | None = None
         best_at = 0
         start = self.next if self.next < count else 0
@@ -154,6 +164,7 @@ class State:
         self.clients: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.on_request_done: RequestDoneHook | None = None
+        self.on_queue: QueueHook | None = None
         self.stopping = False
         self.all_closed: asyncio.Event | None = None
 
@@ -204,17 +215,29 @@ class State:
 
     def instance_done(self, inst: Instance) -> None:
         """Release one request's slot; forget an unrouted instance once it has drained."""
-        inst.release()
-        if not inst.routed and not inst.in_flight and self.instances.get(inst.id) is inst:
-            del self.instances[inst.id]
+        in_flight = inst.in_flight = inst.in_flight - 1
+        inst.upstream.in_flight = in_flight
+        if not in_flight:
+            if inst.drained:
+                inst.notify_drained()
+            if not inst.routed and self.instances.get(inst.id) is inst:
+                del self.instances[inst.id]
+
+    # -- the sweep
 
     def sweep(self) -> None:
+        """Retire pooled connections idle past ``upstream_idle_timeout``, close client connections idle
+        past ``idle_timeout`` (or stuck in a request head that long) and free the parsers of idle ones."""
         assert self.loop is not None
         now = self.loop.time()
         max_idle = self.config.upstream_idle_timeout
         for inst in self.instances.values():
             if inst.idle:
                 inst.sweep(now, max_idle)
+        deadline = now - self.config.idle_timeout
+        expired = [client for client in self.clients if client.sweep(deadline)]
+        for client in expired:
+            client.close()
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run a short-lived task owned by the router (cancelled by `Router.stop`)."""

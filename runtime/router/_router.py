@@ -7,7 +7,8 @@ import contextlib
 import logging
 
 from ._client import ClientConnection
-from ._config import AppStats, RequestDoneHook, RouterConfig, Upstream
+from ._config import AppStats, QueueHook, RequestDoneHook, RouterConfig, Upstream
+from ._listener import Listener
 from ._pool import State, route_key
 
 logger = logging.getLogger("runtime.router")
@@ -23,7 +24,7 @@ class Router:
     def __init__(self, config: RouterConfig | None = None) -> None:
         self.config = config or RouterConfig()
         self._state = State(self.config)
-        self._server: asyncio.Server | None = None
+        self._listener: Listener | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- lifecycle
@@ -32,27 +33,27 @@ class Router:
         """Bind ``host:port`` (port 0: any free port, see `port`) and accept connections.
 
         Raises `OSError` if the address cannot be bound."""
-        if self._server is not None:
+        if self._listener is not None:
             raise RuntimeError("the router is already started")
         loop = asyncio.get_running_loop()
         state = self._state
         state.loop = loop
         state.stopping = False
-        self._server = await loop.create_server(
-            lambda: ClientConnection(state), host, port, reuse_address=True, backlog=2048
-        )
-        self._sweeper = loop.create_task(self._sweep(), name="router:upstream-sweeper")
+        listener = Listener(loop, lambda ip: ClientConnection(state, ip), state.spawn, self.config.backlog)
+        listener.bind(host, port)
+        self._listener = listener
+        self._sweeper = loop.create_task(self._sweep(), name="router:sweeper")
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, close idle connections, let requests in progress finish for up to ``timeout``
         seconds, then close everything. Requests waiting for an instance get ``503`` at once."""
-        server, state = self._server, self._state
-        if server is None:
+        listener, state = self._listener, self._state
+        if listener is None:
             return
-        self._server = None
+        self._listener = None
         state.stopping = True
         state.all_closed = asyncio.Event()
-        server.close()
+        listener.close()
         for pool in state.apps.values():
             while pool.waiting:
                 pool.waiting.popleft().unqueue_and_dispatch()  # -> 503: shutting down
@@ -74,16 +75,13 @@ class Router:
         await asyncio.gather(*tasks, return_exceptions=True)
         for inst in state.instances.values():
             inst.close_idle()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(1.0):
-                await server.wait_closed()
 
     @property
     def port(self) -> int:
         """The port actually bound (useful after ``start(host, 0)``)."""
-        if self._server is None or not self._server.sockets:
+        if self._listener is None or not self._listener.sockets:
             raise RuntimeError("the router is not started")
-        port: int = self._server.sockets[0].getsockname()[1]
+        port: int = self._listener.sockets[0].getsockname()[1]
         return port
 
     # -- routes
@@ -149,15 +147,28 @@ class Router:
     def on_request_done(self, hook: RequestDoneHook | None) -> None:
         self._state.on_request_done = hook
 
+    @property
+    def on_queue(self) -> QueueHook | None:
+        """Called as ``hook(app_id)`` when a request starts waiting in the app's queue (no instance yet):
+        the signal to start capacity now rather than at the next autoscaler tick. None by default."""
+        return self._state.on_queue
+
+    @on_queue.setter
+    def on_queue(self, hook: QueueHook | None) -> None:
+        self._state.on_queue = hook
+
     # -- internals
 
     async def _sweep(self) -> None:
-        # Closes pooled connections idle past upstream_idle_timeout; the pick also skips stale ones, so
-        # this only frees sockets sooner.
-        interval = max(0.05, min(1.0, self.config.upstream_idle_timeout / 4))
+        # One timer for all connections instead of one each: closes client connections idle past
+        # idle_timeout and pooled upstream connections idle past upstream_idle_timeout (the pick skips
+        # stale ones too, so that only frees sockets sooner). A timeout is enforced within a quarter of
+        # itself (at most a second) late.
+        config = self.config
+        interval = max(0.05, min(1.0, config.upstream_idle_timeout / 4, config.idle_timeout / 4))
         while True:
             await asyncio.sleep(interval)
             try:
                 self._state.sweep()
             except Exception:  # never let the sweeper die quietly
-                logger.exception("router: sweeping idle upstream connections failed")
+                logger.exception("router: sweeping idle connections failed")

@@ -32,6 +32,7 @@ class _BadResponse(Exception):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "address",
         "client_transport",
         "ex",
         "head_keep_alive",
@@ -58,10 +59,11 @@ class UpstreamConnection(asyncio.Protocol):
         "wait_since",
     )
 
-    def __init__(self, state: State, inst: Instance) -> None:
+    def __init__(self, state: State, inst: Instance, address: tuple[str, int]) -> None:
         self.state = state
         self.inst = inst
-        self.host, self.port = inst.host, inst.port  # the address this connection really goes to
+        self.address = address  # where it really goes: the instance's address when it was opened
+        self.host, self.port = address
         self.transport: asyncio.Transport | None = None
         self.client_transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -82,17 +84,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- driven by the exchange
 
-    def attach(self, ex: Exchange, data: list[bytes]) -> None:
+    def attach(self, ex: Exchange, data: bytes | list[bytes]) -> None:
         """Serve ``ex``: send its head (and any body bytes already received)."""
         assert self.transport is not None
         self.ex = ex
         self.client_transport = ex.client.transport
         self.headers_done = False
         self.progress = -1
-        if len(data) > 1:
-            self.transport.writelines(data)
+        if isinstance(data, bytes):
+            self.transport.write(data)
         else:
-            self.transport.write(data[0])
+            self.transport.writelines(data)
         self.request_sent()
 
     def request_sent(self) -> None:
@@ -202,7 +204,8 @@ class UpstreamConnection(asyncio.Protocol):
                     f"Instance {self.inst.id} ({self.host}:{self.port}) sent an invalid response: {reason}.",
                 )
             return
-        self._flush()
+        if self.out:
+            self._flush()
         if self.skip_body:
             # A HEAD response: llhttp expects the body its headers announce, so start a fresh parser.
             self.skip_body = False
@@ -289,7 +292,8 @@ class UpstreamConnection(asyncio.Protocol):
     def _complete(self, keep_alive: bool) -> None:
         ex = self.ex
         assert ex is not None
-        self.resume_reading()  # pooled connections must keep reading to notice a close
+        if self.read_paused:
+            self.resume_reading()  # pooled connections must keep reading to notice a close
         ex.response_complete(self, keep_alive)
 
     def _start_tunnel(self, rest: bytes) -> None:
