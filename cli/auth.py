@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -19,17 +20,36 @@ app = typer.Typer()
 def login(
     ctx: typer.Context,
     token: Annotated[
-        str, typer.Option("--token", prompt=True, hide_input=True, help="An API token for the server.")
-    ],
+        str | None, typer.Option("--token", help="An API token for the server (asked for without --email).")
+    ] = None,
+    email: Annotated[
+        str | None,
+        typer.Option("--email", help="Log in with email and password instead (the password is asked for)."),
+    ] = None,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
     url: Annotated[
         str | None, typer.Option("--url", help=f"Control plane URL (default: {config.DEFAULT_URL}).")
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Check a token against the server and store it (config.json, mode 0600)."""
+    """Log in with a token, or with email and password; store the token (config.json, mode 0600)."""
     session = use(ctx, json_output)
     base = config.normalize_url(url or session.environ.get("FASTAPI_DEPLOY_URL") or config.DEFAULT_URL)
     directory = config.config_dir(session.environ)
+    if email and not token:
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\n")
+        else:
+            password = typer.prompt("Password", hide_input=True)
+        with Client(config.Config(url=base, token=None, directory=directory)) as client:
+            token = str(
+                client.post("/auth/login", json={"email": email, "password": password})["access_token"]
+            )
+    elif not token:
+        token = typer.prompt("Token", hide_input=True)
+    assert token is not None
     with Client(config.Config(url=base, token=token.strip(), directory=directory)) as client:
         user = client.get("/users/me")
     path = config.save(directory, url=base, token=token.strip())

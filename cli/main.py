@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from cli import apps, auth, deployments, env, logs, push, scale
+from cli import admin, apps, auth, deployments, env, logs, push, scale, teams
 from cli.errors import CLIError
 from cli.session import Session
 
@@ -29,6 +29,8 @@ app.add_typer(logs.app)
 app.add_typer(env.app, name="env")
 app.add_typer(deployments.app)
 app.add_typer(scale.app)
+app.add_typer(teams.app, name="teams")
+app.add_typer(admin.app, name="admin")
 
 
 def _register_server(root: typer.Typer) -> None:

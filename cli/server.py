@@ -30,7 +30,22 @@ def server(
         typer.Option(help="Apps are served at NAME.DOMAIN [env: FASTAPI_DEPLOY_DOMAIN; default localhost]"),
     ] = None,
     backend: Annotated[
-        str | None, typer.Option(help="Where instances run: process [env: FASTAPI_DEPLOY_BACKEND]")
+        str | None,
+        typer.Option(help="Where instances run: process or docker [env: FASTAPI_DEPLOY_BACKEND]"),
+    ] = None,
+    base_image: Annotated[
+        str | None,
+        typer.Option(
+            help="docker: the image apps are built on "
+            "[env: FASTAPI_DEPLOY_BASE_IMAGE; default python:3.12-slim]"
+        ),
+    ] = None,
+    registry: Annotated[
+        str | None,
+        typer.Option(
+            help="docker: push images to this registry, HOST:PORT/NAMESPACE "
+            "[env: FASTAPI_DEPLOY_REGISTRY; credentials: FASTAPI_DEPLOY_REGISTRY_USERNAME, _PASSWORD]"
+        ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
@@ -39,7 +54,14 @@ def server(
     from control_plane.server import run
 
     settings = Settings.from_env(
-        data_dir=data_dir, host=host, port=port, router_port=router_port, domain=domain, backend=backend
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        router_port=router_port,
+        domain=domain,
+        backend=backend,
+        base_image=base_image,
+        registry=registry,
     )
     run(settings, log_level=log_level)
 

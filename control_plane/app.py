@@ -8,11 +8,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from control_plane.api import apps, auth, deployments, env, logs, scaling, tokens
+from control_plane.api import admin, apps, auth, deployments, env, logs, scaling, teams, tokens
+from control_plane.audit import AuditMiddleware
 from control_plane.config import Settings
-from control_plane.errors import APIError, api_error_handler
+from control_plane.errors import APIError, api_error_handler, error_responses, http_error_handler
 from control_plane.platform import Platform
+from control_plane.ratelimit import RateLimits
 from dashboard.routes import router as dashboard_router
 
 
@@ -45,9 +48,15 @@ def create_app(
         redirect_slashes=False,
     )
     app.state.platform = platform
+    app.state.rate_limits = RateLimits(settings)
     app.add_exception_handler(APIError, api_error_handler)
-    for module in (auth, apps, deployments, logs, env, tokens, scaling):
-        app.include_router(module.router, prefix="/api/v1")
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    # Outermost: records every mutating call, whatever the inner layers answer.
+    app.add_middleware(AuditMiddleware)
+    for module in (auth, teams, apps, deployments, logs, env, tokens, scaling, admin):
+        app.include_router(
+            module.router, prefix="/api/v1", responses=error_responses(400, 401, 403, 404, 409, 413, 429)
+        )
     app.include_router(auth.pages)
     app.include_router(dashboard_router)
 

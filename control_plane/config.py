@@ -34,9 +34,26 @@ class Settings:
     """SQLAlchemy URL; empty means SQLite (WAL) at ``data_dir/fastapi-deploy.db``."""
     admin_token: str = ""
     """If set on first start, becomes the admin's API token; otherwise one is generated and printed once."""
+    admin_email: str = "admin@localhost"
+    """The first platform admin's email (first start only)."""
+    admin_password: str = ""
+    """If set on first start, the first admin can also log in with email + password."""
     backend: str = "process"
+    """Where instances run: ``process`` (virtualenvs, local processes) or ``docker`` (images, containers)."""
     app_python: str = sys.executable
     """Interpreter the apps' environments are built for (process backend)."""
+    base_image: str = "python:3.12-slim"
+    """Docker backend: the image every app image is built on (pulled if the engine lacks it). Its own
+    ``python3`` is probed once: dependencies are installed for its version and platform."""
+    registry: str = ""
+    """Docker backend: ``host[:port][/namespace]`` of an OCI registry to push every image to (deployed by
+    digest from then on); empty: images stay on the engine."""
+    registry_username: str = ""
+    registry_password: str = field(default="", repr=False)
+    build_cpus: float = 1.0
+    """Cores one image build may use (pinned, low priority), so builds cannot starve serving apps."""
+    build_memory_mb: int = 4096
+    """MiB one image build may use (the compile container's limit; the install's address space)."""
     build_timeout: float = 600.0
     """Seconds a dependency install may take before ``building_image_failed_timeout``."""
     verify_timeout: float = 60.0
@@ -51,7 +68,27 @@ class Settings:
     """Per-app log storage before the oldest segment is dropped."""
     upload_token_ttl: float = 3600.0
     """Seconds a storage upload URL stays valid."""
+    secret_keys: str = ""
+    """Fernet keys for secrets at rest, comma-separated: the first encrypts, all decrypt (rotation: put the
+    new key first, run ``fastapi-deploy admin secrets rotate``, then drop the old one). Empty means
+    ``data_dir/secret.key``, created on first start."""
+    login_token_ttl: float = 30 * 86400.0
+    """Seconds a user token from ``POST /auth/login`` stays valid."""
+    device_token_ttl: float = 90 * 86400.0
+    """Seconds a user token from the device flow stays valid (the official CLI stores ``expires_in``)."""
+    rate_limit_login: tuple[int, float] = (10, 6.0)
+    """Login attempts per client IP: a burst of N, then one per S seconds (also per email: half the burst)."""
+    rate_limit_device: tuple[int, float] = (30, 1.0)
+    """Device-flow calls per client IP: a burst of N, then one per S seconds. The official CLI polls the
+    token endpoint every ``interval`` (2 s) for up to 5 minutes; that must never be limited."""
+    rate_limit_tokens: tuple[int, float] = (20, 3.0)
+    """Token creations per caller: a burst of N, then one per S seconds."""
     extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The platform reads its keys from ``extra["secret_keys"]`` (where embedders used to pass them).
+        if self.secret_keys and not self.extra.get("secret_keys"):
+            self.extra["secret_keys"] = self.secret_keys
 
     @property
     def api_url(self) -> str:
@@ -96,16 +133,27 @@ class Settings:
             "apps_public_url": _env("FASTAPI_DEPLOY_APPS_URL", ""),
             "database_url": _env("DATABASE_URL", ""),
             "admin_token": _env("FASTAPI_DEPLOY_ADMIN_TOKEN", ""),
+            "admin_email": _env("FASTAPI_DEPLOY_ADMIN_EMAIL", "admin@localhost"),
+            "admin_password": _env("FASTAPI_DEPLOY_ADMIN_PASSWORD", ""),
             "backend": _env("FASTAPI_DEPLOY_BACKEND", "process"),
             "app_python": _env("FASTAPI_DEPLOY_APP_PYTHON", sys.executable),
+            "base_image": _env("FASTAPI_DEPLOY_BASE_IMAGE", "python:3.12-slim"),
+            "registry": _env("FASTAPI_DEPLOY_REGISTRY", ""),
+            "registry_username": _env("FASTAPI_DEPLOY_REGISTRY_USERNAME", ""),
+            "registry_password": _env("FASTAPI_DEPLOY_REGISTRY_PASSWORD", ""),
+            "secret_keys": _env("FASTAPI_DEPLOY_SECRET_KEY", ""),
         }
         numeric = {
             "build_timeout": ("FASTAPI_DEPLOY_BUILD_TIMEOUT", float),
+            "build_cpus": ("FASTAPI_DEPLOY_BUILD_CPUS", float),
+            "build_memory_mb": ("FASTAPI_DEPLOY_BUILD_MEMORY_MB", int),
             "verify_timeout": ("FASTAPI_DEPLOY_VERIFY_TIMEOUT", float),
             "drain_timeout": ("FASTAPI_DEPLOY_DRAIN_TIMEOUT", float),
             "max_archive_bytes": ("FASTAPI_DEPLOY_MAX_ARCHIVE_BYTES", int),
             "keep_deployments": ("FASTAPI_DEPLOY_KEEP_DEPLOYMENTS", int),
             "log_retention_bytes": ("FASTAPI_DEPLOY_LOG_RETENTION_BYTES", int),
+            "login_token_ttl": ("FASTAPI_DEPLOY_LOGIN_TOKEN_TTL", float),
+            "device_token_ttl": ("FASTAPI_DEPLOY_DEVICE_TOKEN_TTL", float),
         }
         for name, (var, conv) in numeric.items():
             if var in os.environ:
@@ -116,5 +164,13 @@ class Settings:
                 raise TypeError(f"unknown setting {key!r}")
             if value is not None:
                 values[key] = Path(value) if key == "data_dir" else value  # type: ignore[arg-type]
+        for name, var in (
+            ("rate_limit_login", "FASTAPI_DEPLOY_RATE_LIMIT_LOGIN"),
+            ("rate_limit_device", "FASTAPI_DEPLOY_RATE_LIMIT_DEVICE"),
+            ("rate_limit_tokens", "FASTAPI_DEPLOY_RATE_LIMIT_TOKENS"),
+        ):
+            if var in os.environ:  # "BURST/SECONDS", e.g. "10/6"
+                burst, _, per = os.environ[var].partition("/")
+                values[name] = (int(burst), float(per or 1))
         settings = cls(**values)  # type: ignore[arg-type]
         return settings

@@ -10,10 +10,13 @@ artifact (its source tree and its content-addressed environment).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlmodel import col, select
@@ -28,10 +31,12 @@ from control_plane.statuses import TERMINAL
 from control_plane.statuses import DeploymentStatus as S
 from runtime.archive import ExtractLimits, extract_archive
 from runtime.autoscaler import ScalingSettings
-from runtime.backends.base import InstanceSpec
+from runtime.backends.base import Instance, InstanceSpec, InstanceState
 from runtime.builder import build_environment, prune_environments
-from runtime.detect import detect_project
+from runtime.detect import Project, detect_project
 from runtime.errors import RuntimeFailure
+from runtime.images import BuildLimits, BuiltImage, ImageEngine, ImageMeta, build_image, prune_layers
+from runtime.registry import Registry
 
 log = logging.getLogger("fastapi_deploy.deployer")
 
@@ -53,6 +58,7 @@ class Paths:
         self.root = data_dir
         self.deployments = data_dir / "deployments"
         self.envs = data_dir / "envs"
+        self.images = data_dir / "images"  # the image builder's cache: base probes, dependency layers
         self.instances = data_dir / "instances"
         self.logs = data_dir / "logs"
 
@@ -61,6 +67,10 @@ class Paths:
 
     def source(self, deployment_id: str) -> Path:
         return self.deployments / deployment_id / "src"
+
+    def image(self, deployment_id: str) -> Path:
+        """The built image's record (image backends), beside the source it was built from."""
+        return self.deployments / deployment_id / "image.json"
 
 
 class Deployer:
@@ -101,6 +111,10 @@ class Deployer:
                 log.info("restored %s (deployment %s)", app.slug, dep.id)
             except Exception as exc:
                 log.error("could not restore app %s: %s", app.slug, exc)
+        # Instances the backend adopted (docker) that no current revision claimed: an old revision's.
+        claimed = {i.id for revision in self.fleet.serving.values() for i in revision.instances}
+        leftovers = [i for i in self.fleet.backend.instances() if i.id not in claimed]
+        await asyncio.gather(*(self.fleet.backend.stop(i) for i in leftovers), return_exceptions=True)
         # Deployments that were mid-flight when the control plane stopped will never finish.
         await asyncio.to_thread(self._fail_interrupted)
 
@@ -177,6 +191,10 @@ class Deployer:
         def log_line(line: str) -> None:
             self._log(dep.id, line)
 
+        engine: ImageEngine | None = getattr(self.fleet.backend, "images", None)
+        if engine is not None:
+            await self._build_image(app, dep, project, src, engine, log_line)
+            return
         async with self._build_slots:
             env = await asyncio.to_thread(
                 build_environment,
@@ -196,6 +214,42 @@ class Deployer:
                 str(project.root.resolve().relative_to(src.resolve())),
                 env.key,
             )
+
+    async def _build_image(
+        self, app: App, dep: Deployment, project: Project, src: Path, engine: ImageEngine, log_line: Log
+    ) -> None:
+        """Image backends: the revision's OCI image (runtime/images.py), pushed when a registry is set."""
+        settings = self.settings
+        registry = None
+        if settings.registry:
+            registry = Registry.parse(
+                settings.registry, username=settings.registry_username, password=settings.registry_password
+            )
+        meta = ImageMeta(
+            app_id=app.id,
+            deployment_id=dep.id,
+            hostname=settings.app_hostname(app.slug),
+            health_path=app.health_path,
+            app_name=app.slug,
+        )
+        limits = BuildLimits(
+            cpus=settings.build_cpus, memory_mb=settings.build_memory_mb, timeout=settings.build_timeout
+        )
+        async with self._build_slots:
+            built = await asyncio.to_thread(
+                build_image,
+                project,
+                src,
+                meta,
+                engine=engine,
+                cache_dir=self.paths.images,
+                base_image=settings.base_image,
+                log=log_line,
+                limits=limits,
+                registry=registry,
+            )
+            # Recorded under the build slot, like environments: retention never sees it unreferenced.
+            await asyncio.to_thread(self._record_image, dep.id, project, src, built)
 
     async def _reuse(self, dep: Deployment) -> None:
         if dep.kind == "redeploy":
@@ -219,7 +273,13 @@ class Deployer:
         artifact = await asyncio.to_thread(self._get, artifact_id or dep.id)
         src = self.paths.source(artifact.id)
         env_dir = self.paths.envs / (dep.environment_key or "")
-        if not dep.environment_key or not (env_dir / "bin" / "python").exists() or not src.is_dir():
+        image = await asyncio.to_thread(_read_image, self.paths.image(artifact.id))
+        runs_images = getattr(self.fleet.backend, "images", None) is not None
+        if runs_images:
+            built = image is not None
+        else:
+            built = bool(dep.environment_key) and (env_dir / "bin" / "python").exists()
+        if not built or not src.is_dir():
             raise RuntimeFailure(
                 "The build of this deployment is missing from the data directory.",
                 title="Build missing",
@@ -227,6 +287,7 @@ class Deployer:
                 code=S.DEPLOYING_FAILED,
             )
         env_vars = await asyncio.to_thread(self._env_for, app.id)
+        cpus, memory_mb = await asyncio.to_thread(self._instance_size)
         spec = InstanceSpec(
             app_id=app.id,
             deployment_id=dep.id,
@@ -237,14 +298,26 @@ class Deployer:
             workdir=(src / (dep.workdir or dep.import_dir or ".")).resolve(),
             env=env_vars,
             health_path=app.health_path,
+            memory_mb=memory_mb,
+            cpus=cpus,
         )
+        if runs_images and image is not None:  # paths inside the image: the same wherever it runs
+            spec = dataclasses.replace(
+                spec,
+                python=Path(image.python),
+                entrypoint=image.entrypoint,
+                app_dir=Path(image.app_dir),
+                workdir=Path(image.workdir),
+                image=image.reference,
+            )
         scaling = scaling_settings(app)
         count = self.fleet.initial_count(app.id, scaling)
         if not restoring:
             await self._set(dep.id, S.DEPLOYING)
             self._log(dep.id, f"Starting {count} instance{'s' if count > 1 else ''}")
             await self._set(dep.id, S.VERIFYING)
-        instances = await self.fleet.start_instances(spec, count)
+        adopted = self._adopted(spec) if restoring else []
+        instances = adopted or await self.fleet.start_instances(spec, count)
         if not restoring:
             self._log(
                 dep.id,
@@ -262,7 +335,26 @@ class Deployer:
         if not restoring:
             await asyncio.to_thread(self._set_current, app.id, dep.id)
 
+    def _adopted(self, spec: InstanceSpec) -> list[Instance]:
+        """Instances of ``spec``'s revision the backend adopted after a restart (docker): they serve on."""
+        adopted = [
+            i
+            for i in self.fleet.backend.instances()
+            if i.spec.deployment_id == spec.deployment_id and i.state == InstanceState.WARM
+        ]
+        for instance in adopted:
+            instance.spec = spec  # ours has the env and the limits; the recorded one is for adoption only
+        return adopted
+
     # -- database helpers (run in threads) -------------------------------------------------------
+
+    def _instance_size(self) -> tuple[float, int]:
+        """The platform's instance size (admin settings): the limits of backends that enforce them."""
+        from control_plane import platform_settings
+
+        with self.db.session() as s:
+            size = platform_settings.load(s)
+            return size.instance_cpu, size.instance_memory_mb
 
     def _get(self, deployment_id: str) -> Deployment:
         with self.db.session() as s:
@@ -318,7 +410,7 @@ class Deployer:
                 dep = s.get(Deployment, deployment_id)
                 if dep is None:
                     return
-                dep.status = code if code in S._value2member_map_ else S.FAILED
+                dep.status = _status_for(code)
                 dep.error_code, dep.error_title, dep.error_message, dep.error_hint = (
                     code,
                     title,
@@ -346,6 +438,16 @@ class Deployer:
             )
             s.add(dep)
             s.commit()
+
+    def _record_image(self, deployment_id: str, project: Project, src: Path, built: BuiltImage) -> None:
+        self.paths.image(deployment_id).write_text(json.dumps(built.as_json(), indent=2) + "\n")
+        self._record_artifact(
+            deployment_id,
+            project.entrypoint,
+            str(project.import_dir.resolve().relative_to(src.resolve())),
+            str(project.root.resolve().relative_to(src.resolve())),
+            built.dependency_key,
+        )
 
     def _rebase_on_current(self, deployment_id: str) -> None:
         with self.db.session() as s:
@@ -438,6 +540,7 @@ class Deployer:
                 if dep.status == S.SUCCESS and kept < self.settings.keep_deployments:
                     kept += 1
                     continue
+                self._remove_image(dep.id)
                 shutil.rmtree(self.paths.deployments / dep.id, ignore_errors=True)
                 dep.artifact_pruned = True
                 s.add(dep)
@@ -446,6 +549,43 @@ class Deployer:
                 select(Deployment.environment_key).where(col(Deployment.artifact_pruned).is_(False))
             ).all()
         prune_environments(self.paths.envs, {k for k in keys if k})
+        prune_layers(self.paths.images, {k for k in keys if k})
+
+    def _remove_image(self, deployment_id: str) -> None:
+        """Untag a pruned build's image on the engine (the registry keeps what was pushed)."""
+        engine: ImageEngine | None = getattr(self.fleet.backend, "images", None)
+        image = _read_image(self.paths.image(deployment_id))
+        if engine is None or image is None:
+            return
+        refs = [image.tag]
+        if image.digest:  # pushed: the registry tag, then the digest reference
+            refs.append(f"{image.reference.split('@')[0]}:{image.tag.rsplit(':', 1)[1]}")
+        for ref in [*refs, image.reference]:
+            try:
+                engine.remove(ref)
+            except Exception as exc:  # in use by a container, or already gone: nothing to do
+                log.debug("image %s of deployment %s kept: %s", ref, deployment_id, exc)
 
     def _log(self, deployment_id: str, message: str) -> None:
         self.buildlogs.append(deployment_id, message)
+
+
+Log = Callable[[str], None]
+
+
+def _read_image(path: Path) -> BuiltImage | None:
+    try:
+        return BuiltImage.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _status_for(code: str) -> str:
+    """The deployment status of a failure ``code``: itself when it is one, else the status it refines
+    (``verifying_failed_oom`` → ``verifying_failed``), else ``failed``."""
+    if code in S._value2member_map_:
+        return code
+    for status in (S.VERIFYING_FAILED, S.BUILDING_IMAGE_FAILED, S.DEPLOYING_FAILED, S.EXTRACTING_FAILED):
+        if code.startswith(f"{status.value}_"):
+            return status.value
+    return S.FAILED.value

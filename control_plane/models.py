@@ -6,6 +6,7 @@ import secrets
 import uuid
 from datetime import UTC, datetime
 
+from sqlalchemy import BigInteger
 from sqlmodel import Field, SQLModel
 
 
@@ -26,7 +27,13 @@ class User(SQLModel, table=True):
     email: str = Field(index=True, unique=True)
     name: str = ""
     is_admin: bool = False
+    """A platform admin: every team, every app, the admin API."""
     created_at: datetime = Field(default_factory=utcnow)
+    password_hash: str | None = None
+    """argon2id (``control_plane/passwords.py``); None: the user signs in with tokens only."""
+    disabled: bool = False
+    """A disabled user's tokens and password are refused (401) until an admin enables them again."""
+    last_login_at: datetime | None = None
 
 
 class Team(SQLModel, table=True):
@@ -39,7 +46,49 @@ class Team(SQLModel, table=True):
 class Membership(SQLModel, table=True):
     team_id: str = Field(foreign_key="team.id", primary_key=True)
     user_id: str = Field(foreign_key="user.id", primary_key=True)
-    role: str = "owner"
+    role: str = "owner"  # owner | admin | member | viewer (control_plane/permissions.py)
+
+
+class TeamQuota(SQLModel, table=True):
+    """A team's limits. No row, or a null field, means the platform default (``PlatformSettings``)."""
+
+    team_id: str = Field(foreign_key="team.id", primary_key=True)
+    max_apps: int | None = None
+    max_instances: int | None = None
+    """Instances the team's apps may be scaled to, together (floors) and each (ceilings)."""
+    max_cpu: float | None = None
+    """CPU cores: instances x the platform's per-instance CPU."""
+    max_memory_mb: int | None = None
+    """MiB: instances x the platform's per-instance memory."""
+    max_build_minutes: int | None = None
+    """Build minutes per calendar month (UTC)."""
+    max_storage_bytes: int | None = Field(default=None, sa_type=BigInteger)
+    """Bytes of kept deployment archives (compressed)."""
+    max_archive_bytes: int | None = Field(default=None, sa_type=BigInteger)
+    """Largest single upload (compressed); never above the server's ``max_archive_bytes``."""
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class AuditEntry(SQLModel, table=True):
+    """One mutating API call: who, what, when, from where. Append-only: the database refuses UPDATE and
+    DELETE on this table (triggers from migration 0003), and no API changes it."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, index=True)
+    method: str
+    path: str
+    route: str = ""
+    """The route template (``/api/v1/apps/{app_id}``): what was called, without the ids."""
+    status_code: int
+    actor_kind: str | None = None  # "user" | "deploy" | None (not authenticated)
+    actor_user_id: str | None = Field(default=None, index=True)
+    actor_email: str | None = None
+    actor_token_id: str | None = None
+    team_id: str | None = Field(default=None, index=True)
+    app_id: str | None = Field(default=None, index=True)
+    client_ip: str | None = None
+    user_agent: str = ""
+    duration_ms: float = 0.0
 
 
 class ApiToken(SQLModel, table=True):

@@ -26,6 +26,7 @@ from control_plane.logstore import LogStore
 from control_plane.models import ApiToken, Membership, Setting, Team, User
 from control_plane.secrets import SecretBox
 from control_plane.security import hash_token, new_token
+from runtime.backends.base import Backend
 from runtime.backends.process import ProcessBackend
 from runtime.router import Router
 
@@ -51,9 +52,23 @@ class Platform:
         self.logstore = LogStore(self.paths.logs, settings.log_retention_bytes)
         self.buildlogs = BuildLogs(self.db)
         self.router = Router()
-        if settings.backend != "process":
-            raise ValueError(f"unknown backend {settings.backend!r} (available: process)")
-        self.backend = ProcessBackend(self.paths.instances, self.logstore.append)
+        self.backend: Backend
+        if settings.backend == "docker":
+            from runtime.backends.docker import DockerBackend  # the docker extra: imported only when chosen
+            from runtime.registry import Registry
+
+            registry = None
+            if settings.registry:
+                registry = Registry.parse(
+                    settings.registry,
+                    username=settings.registry_username,
+                    password=settings.registry_password,
+                )
+            self.backend = DockerBackend(self.paths.instances, self.logstore.append, registry=registry)
+        elif settings.backend == "process":
+            self.backend = ProcessBackend(self.paths.instances, self.logstore.append)
+        else:
+            raise ValueError(f"unknown backend {settings.backend!r} (available: process, docker)")
         self.events = EventLog(self.db)
         self.forecaster = Forecaster(self.db)
         self.fleet = Fleet(
@@ -95,23 +110,43 @@ class Platform:
         self.db.dispose()
 
     def _bootstrap(self) -> Bootstrap:
-        """On the first start: the admin user, their team, and their API token."""
+        """On the first start: the admin user (a password too when configured), their team, their API token.
+
+        Later starts change nothing, except that a platform left without any enabled admin gets the
+        configured admin back (enabled, admin again, with a new token printed once): the way back in.
+        """
+        from control_plane.passwords import hash_password
+
         with self.db.session() as s:
             done = s.get(Setting, "bootstrapped")
-            admin = s.exec(select(User).where(User.is_admin == True)).first()  # noqa: E712
+            admin = s.exec(
+                select(User).where(User.is_admin == True, User.disabled == False)  # noqa: E712
+            ).first()
             if done is not None and admin is not None:
                 return Bootstrap(admin_email=admin.email, admin_token=None)
-            admin = User(email="admin@localhost", name="Admin", is_admin=True)
-            team = Team(slug="default", name="Default")
+            email = self.settings.admin_email.strip().lower()
+            admin = s.exec(select(User).where(User.email == email)).first() or User(email=email, name="Admin")
+            admin.is_admin, admin.disabled = True, False
+            if self.settings.admin_password and admin.password_hash is None:
+                admin.password_hash = hash_password(self.settings.admin_password)
             s.add(admin)
-            s.add(team)
+            team = s.exec(select(Team).where(Team.slug == "default")).first()
+            if team is None:
+                team = Team(slug="default", name="Default")
+                s.add(team)
             s.flush()
-            s.add(Membership(team_id=team.id, user_id=admin.id, role="owner"))
+            if s.get(Membership, (team.id, admin.id)) is None:
+                s.add(Membership(team_id=team.id, user_id=admin.id, role="owner"))
             raw = self.settings.admin_token or new_token()
-            s.add(
-                ApiToken(token_hash=hash_token(raw), kind="user", user_id=admin.id, name="admin (bootstrap)")
-            )
-            s.add(Setting(key="bootstrapped", value="1"))
-            s.add(Setting(key="instance_id", value=pysecrets.token_hex(8)))
+            if s.exec(select(ApiToken).where(ApiToken.token_hash == hash_token(raw))).first() is None:
+                s.add(
+                    ApiToken(
+                        token_hash=hash_token(raw), kind="user", user_id=admin.id, name="admin (bootstrap)"
+                    )
+                )
+            if done is None:
+                s.add(Setting(key="bootstrapped", value="1"))
+            if s.get(Setting, "instance_id") is None:
+                s.add(Setting(key="instance_id", value=pysecrets.token_hex(8)))
             s.commit()
             return Bootstrap(admin_email=admin.email, admin_token=raw)

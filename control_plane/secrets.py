@@ -19,6 +19,7 @@ _PREFIX = "fernet:"
 class SecretBox:
     def __init__(self, keys: list[bytes]) -> None:
         self._fernet = MultiFernet([Fernet(k) for k in keys])
+        self.key_count = len(keys)
 
     @classmethod
     def from_config(cls, data_dir: Path, env_keys: str = "") -> SecretBox:
@@ -34,6 +35,17 @@ class SecretBox:
 
     def encrypt(self, value: str) -> str:
         return _PREFIX + self._fernet.encrypt(value.encode()).decode()
+
+    def rotate(self, stored: str) -> str:
+        """``stored`` re-encrypted with the first key (a plain-text legacy value gets encrypted).
+
+        Key rotation: configure ``NEW,OLD``, rotate every stored value, then drop ``OLD``."""
+        if not stored.startswith(_PREFIX):
+            return self.encrypt(stored)
+        try:
+            return _PREFIX + self._fernet.rotate(stored[len(_PREFIX) :].encode()).decode()
+        except InvalidToken as exc:
+            raise ValueError("an environment variable cannot be decrypted with the configured keys") from exc
 
     def decrypt(self, stored: str) -> str:
         if not stored.startswith(_PREFIX):

@@ -1,8 +1,17 @@
 """Tokens and who may act on what: the one place access is decided.
 
 Tokens are 256-bit random strings shown once and stored as SHA-256 digests (a KDF adds nothing for
-secrets with that much entropy). A *user* token acts as its user on every team the user belongs to;
-a *deploy* token acts only on its one app, and only on the deploy endpoints.
+secrets with that much entropy). A *user* token acts as its user on every team the user belongs to, with
+the user's role there; a *deploy* token acts only on its one app, and only for the actions
+``permissions.py`` marks ``deploy_token`` (the deploy endpoints).
+
+Every endpoint reaches a team or an app through :func:`get_team` / :func:`get_app`, naming its
+:class:`~control_plane.permissions.Action`. The answers:
+
+    not a member of the resource's team (or a deploy token of another app)   404  (never learn it exists)
+    a member whose role is below the action's minimum                       403  (with the role needed)
+    a deploy token, action not a deploy action                               403
+    a platform admin (``User.is_admin``)                                     allowed, every team
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from sqlmodel import Session, select
 
 from control_plane.errors import Forbidden, NotFound, Unauthorized
 from control_plane.models import ApiToken, App, Membership, Team, User, utcnow
+from control_plane.permissions import PERMISSIONS, Action, Role, allows, deploy_token_allows
 
 TOKEN_PREFIX = "fdp_"
 _LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -67,6 +77,8 @@ def authenticate(session: Session, authorization: str | None) -> Principal:
     user = session.get(User, token.user_id) if token.kind == "user" and token.user_id else None
     if token.kind == "user" and user is None:
         raise Unauthorized("The token's user no longer exists.")
+    if user is not None and user.disabled:
+        raise Unauthorized("This account is disabled.", hint="Ask a platform admin to enable it again.")
     if token.last_used_at is None or now - aware(token.last_used_at) > _LAST_USED_RESOLUTION:
         token.last_used_at = now
         session.add(token)
@@ -74,31 +86,66 @@ def authenticate(session: Session, authorization: str | None) -> Principal:
     return Principal(token=token, user=user)
 
 
+_DEPLOY_TOKEN_HINT = "Use a user token (`fastapi-deploy login`) for this command."
+
+
 def require_user(principal: Principal) -> User:
     if principal.user is None:
-        raise Forbidden(
-            "Deploy tokens can only deploy their app.",
-            hint="Use a user token (`fastapi-deploy login`) for this command.",
-        )
+        raise Forbidden("Deploy tokens can only deploy their app.", hint=_DEPLOY_TOKEN_HINT)
     return principal.user
 
 
+def require_platform_admin(principal: Principal) -> User:
+    user = require_user(principal)
+    if not user.is_admin:
+        raise Forbidden(
+            "Only platform admins may use the admin API.",
+            title="Platform admins only",
+            hint="Ask a platform admin (`fastapi-deploy admin users` lists them).",
+        )
+    return user
+
+
 def team_ids(session: Session, user: User) -> list[str]:
+    """The teams ``user`` can see: their memberships (every team for a platform admin)."""
     if user.is_admin:
         return list(session.exec(select(Team.id)).all())
     return list(session.exec(select(Membership.team_id).where(Membership.user_id == user.id)).all())
 
 
-def get_team(session: Session, principal: Principal, team_id: str) -> Team:
+def role_in(session: Session, user: User, team_id: str) -> Role | None:
+    """``user``'s role in the team; None when not a member. Platform admins count as owners."""
+    if user.is_admin:
+        return Role.owner
+    membership = session.get(Membership, (team_id, user.id))
+    return Role.parse(membership.role) if membership is not None else None
+
+
+def _check(role: Role, action: Action, team: str) -> None:
+    rule = PERMISSIONS[action]
+    if not allows(role, action):
+        raise Forbidden(
+            f"Your role in team {team} ({role.name}) cannot {rule.what}; it needs {rule.minimum.name} "
+            "or higher.",
+            title="Permission denied",
+            hint=f"Ask an owner or admin of team {team} for the {rule.minimum.name} role.",
+        )
+
+
+def get_team(session: Session, principal: Principal, team_id: str, *, action: Action) -> Team:
+    """The team, if the caller may perform ``action`` on it. 404 for non-members, 403 for a role too low."""
     user = require_user(principal)
     team = session.get(Team, team_id)
-    if team is None or team.id not in team_ids(session, user):
+    role = role_in(session, user, team_id) if team is not None else None
+    if team is None or role is None:
         raise NotFound(f"Team {team_id} not found.", title="Team not found")
+    _check(role, action, team.slug)
     return team
 
 
-def get_app(session: Session, principal: Principal, app_id: str, *, deploy_ok: bool = False) -> App:
-    """The app, if the caller may act on it; 404 otherwise (never reveal another team's app)."""
+def get_app(session: Session, principal: Principal, app_id: str, *, action: Action) -> App:
+    """The app, if the caller may perform ``action`` on it; 404 when it is not theirs (never reveal
+    another team's app), 403 when it is theirs but their role (or deploy token) does not allow it."""
     app = session.get(App, app_id)
     not_found = NotFound(
         f"App {app_id} not found.", title="App not found", hint="`fastapi-deploy apps` lists your apps."
@@ -108,19 +155,20 @@ def get_app(session: Session, principal: Principal, app_id: str, *, deploy_ok: b
     if principal.is_deploy_token:
         if principal.token.app_id != app.id:
             raise not_found
-        if not deploy_ok:
-            raise Forbidden(
-                "Deploy tokens can only deploy their app.",
-                hint="Use a user token (`fastapi-deploy login`) for this command.",
-            )
+        if not deploy_token_allows(action):
+            raise Forbidden("Deploy tokens can only deploy their app.", hint=_DEPLOY_TOKEN_HINT)
         return app
     user = require_user(principal)
-    if app.team_id not in team_ids(session, user):
+    role = role_in(session, user, app.team_id)
+    if role is None:
         raise not_found
+    team = session.get(Team, app.team_id)
+    _check(role, action, team.slug if team is not None else app.team_id)
     return app
 
 
 def issue_user_token(session: Session, user: User, name: str, ttl: timedelta | None = None) -> str:
+    """A new user token (added to the session, not committed); the raw value, to be shown once."""
     raw = new_token()
     session.add(
         ApiToken(
@@ -132,3 +180,14 @@ def issue_user_token(session: Session, user: User, name: str, ttl: timedelta | N
         )
     )
     return raw
+
+
+def revoke_user_tokens(session: Session, user: User) -> int:
+    """Revoke every live user token of ``user`` (not committed); how many."""
+    now = utcnow()
+    rows = session.exec(select(ApiToken).where(ApiToken.user_id == user.id, ApiToken.kind == "user")).all()
+    live = [r for r in rows if r.revoked_at is None]
+    for row in live:
+        row.revoked_at = now
+        session.add(row)
+    return len(live)

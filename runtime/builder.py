@@ -107,7 +107,7 @@ def environment_key(project: Project, python: str) -> str:
     ``uv python find``). Raises BuildError if the interpreter cannot be found or run, or a dependency
     file cannot be read.
     """
-    return _key(project, _interpreter(python, _find_uv(None)))
+    return _key(project, _interpreter(python, find_uv(None)))
 
 
 def build_environment(
@@ -130,7 +130,7 @@ def build_environment(
         BuildTimeout: the build did not finish in time; uv was killed and nothing was kept.
     """
     deadline = time.monotonic() + timeout
-    uv_bin = _find_uv(uv)
+    uv_bin = find_uv(uv)
     interpreter = _interpreter(python, uv_bin)
     key = _key(project, interpreter)
     envs_dir.mkdir(parents=True, exist_ok=True)
@@ -433,7 +433,7 @@ def _query_interpreter(executable: str, mtime_ns: int) -> _Interpreter:
     return _Interpreter(executable=executable, **{k: str(v) for k, v in info.items()})
 
 
-def _find_uv(uv: str | None) -> str:
+def find_uv(uv: str | None) -> str:
     if uv is not None:
         return uv
     beside = Path(sys.executable).parent / "uv"

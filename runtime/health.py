@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 
 async def probe(host: str, port: int, hostname: str, path: str, *, timeout: float = 2.0) -> int | None:
@@ -30,3 +31,32 @@ async def probe(host: str, port: int, hostname: str, path: str, *, timeout: floa
 def is_healthy(status: int | None) -> bool:
     """Any answer below 500 means the app is up (a 404 on ``/`` is a perfectly healthy app)."""
     return status is not None and status < 500
+
+
+class Unhealthy(Exception):
+    """An instance never became healthy; ``str(exc)`` completes "The app ..." ("exited during startup")."""
+
+
+async def wait_healthy(
+    host: str,
+    port: int,
+    hostname: str,
+    path: str,
+    *,
+    deadline: float,
+    exited: asyncio.Event,
+    interval: float,
+) -> None:
+    """Probe until the health path answers below 500; raises :class:`Unhealthy` when the instance exits
+    first or ``deadline`` (``time.monotonic()``) passes."""
+    last: int | None = None
+    while True:
+        if exited.is_set():
+            raise Unhealthy("exited during startup")
+        last = await probe(host, port, hostname, path, timeout=2.0)
+        if is_healthy(last):
+            return
+        if time.monotonic() >= deadline:
+            what = "did not answer" if last is None else f"answered {last}"
+            raise Unhealthy(f"{what} on its health path {path}")
+        await asyncio.sleep(interval)

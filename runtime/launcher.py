@@ -112,7 +112,8 @@ def _make_config(app: str, root_path: str) -> Any:
         app,
         lifespan="on",  # a failing lifespan startup must fail the instance, visibly
         proxy_headers=True,
-        forwarded_allow_ips="127.0.0.1",
+        # The router's address: loopback for processes; a container sees its network's gateway.
+        forwarded_allow_ips=os.environ.get("FASTAPI_DEPLOY_FORWARDED_ALLOW_IPS", "127.0.0.1"),
         root_path=root_path,
         timeout_keep_alive=5,
         access_log=True,

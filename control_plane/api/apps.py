@@ -7,17 +7,19 @@ import re
 from pathlib import PurePosixPath
 from typing import Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
-from control_plane.api.deps import PlatformDep, PrincipalDep, SessionDep
+from control_plane import audit, quotas
+from control_plane.api.deps import MAX_SKIP, PlatformDep, PrincipalDep, SessionDep
 from control_plane.errors import Conflict, NotFound
 from control_plane.models import App, Deployment, EnvVar, utcnow
+from control_plane.permissions import Action
 from control_plane.platform import Platform
 from control_plane.security import get_app, get_team, require_user, team_ids
-from control_plane.serializers import app_out, deployment_out, team_out
+from control_plane.serializers import app_out, deployment_out
 from control_plane.statuses import IN_PROGRESS
 from control_plane.statuses import DeploymentStatus as S
 
@@ -90,29 +92,6 @@ def render_app(platform: Platform, session: Session, app: App) -> dict[str, Any]
     )
 
 
-# -- teams ---------------------------------------------------------------------------------------
-
-
-@router.get("/teams/")
-def list_teams(
-    session: SessionDep,
-    principal: PrincipalDep,
-    limit: int = Query(100, ge=1, le=1000),
-    skip: int = Query(0, ge=0),
-) -> dict[str, Any]:
-    from control_plane.models import Team
-
-    user = require_user(principal)
-    ids = team_ids(session, user)
-    teams = session.exec(select(Team).where(col(Team.id).in_(ids)).order_by(col(Team.created_at))).all()
-    return {"data": [team_out(t) for t in teams[skip : skip + limit]], "count": len(teams)}
-
-
-@router.get("/teams/{team_id}")
-def get_team_(team_id: str, session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
-    return team_out(get_team(session, principal, team_id))
-
-
 # -- apps ----------------------------------------------------------------------------------------
 
 
@@ -123,11 +102,11 @@ def list_apps(
     principal: PrincipalDep,
     team_id: str | None = None,
     limit: int = Query(1000, ge=1, le=1000),
-    skip: int = Query(0, ge=0),
+    skip: int = Query(0, ge=0, le=MAX_SKIP),
 ) -> dict[str, Any]:
     user = require_user(principal)
     if team_id is not None:
-        ids = [get_team(session, principal, team_id).id]
+        ids = [get_team(session, principal, team_id, action=Action.TEAM_READ).id]
     else:
         ids = team_ids(session, user)
     query = select(App).where(col(App.team_id).in_(ids))
@@ -138,9 +117,10 @@ def list_apps(
 
 @router.post("/apps/", status_code=201)
 def create_app(
-    body: AppCreate, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
+    body: AppCreate, request: Request, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
 ) -> dict[str, Any]:
-    team = get_team(session, principal, body.team_id)
+    team = get_team(session, principal, body.team_id, action=Action.APP_CREATE)
+    cap = quotas.check_new_app(session, team, platform.settings)
     slug = slugify(body.name)
     if not _SLUG_RE.match(slug):
         raise Conflict(
@@ -153,11 +133,14 @@ def create_app(
             hint="App names are unique on the platform (they are the host name); choose another with --app.",
         )
     app = App(team_id=team.id, slug=slug, name=body.name, directory=body.directory)
+    if cap is not None:
+        app.max_instances = max(1, min(app.max_instances, cap))
     session.add(app)
     try:
         session.commit()
     except IntegrityError as exc:  # a concurrent create of the same slug
         raise Conflict(f"An app named {slug!r} already exists.", title="App name taken") from exc
+    audit.note(request, team_id=team.id, app_id=app.id)
     return render_app(platform, session, app)
 
 
@@ -165,14 +148,14 @@ def create_app(
 def read_app(
     app_id: str, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
 ) -> dict[str, Any]:
-    return render_app(platform, session, get_app(session, principal, app_id, deploy_ok=True))
+    return render_app(platform, session, get_app(session, principal, app_id, action=Action.APP_READ))
 
 
 @router.patch("/apps/{app_id}")
 def update_app(
     app_id: str, body: AppUpdate, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
 ) -> dict[str, Any]:
-    app = get_app(session, principal, app_id)
+    app = get_app(session, principal, app_id, action=Action.APP_UPDATE)
     if "directory" in body.model_fields_set:
         app.directory = body.directory
     app.updated_at = utcnow()
@@ -185,7 +168,7 @@ def update_app(
 async def delete_app(app_id: str, platform: PlatformDep, principal: PrincipalDep) -> Response:
     def load() -> App:
         with platform.db.session() as s:
-            return get_app(s, principal, app_id)
+            return get_app(s, principal, app_id, action=Action.APP_DELETE)
 
     app = await asyncio.to_thread(load)
     await platform.fleet.remove(app.id)
@@ -256,7 +239,7 @@ async def rollback(
 
     def create() -> tuple[Deployment, App]:
         with platform.db.session() as s:
-            app = get_app(s, principal, app_id)
+            app = get_app(s, principal, app_id, action=Action.RELEASE)
             if target_id:
                 target = s.get(Deployment, target_id)
                 if target is None or target.app_id != app.id:
@@ -303,7 +286,7 @@ async def rollback(
 async def redeploy(app_id: str, platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
     def create() -> tuple[Deployment, App]:
         with platform.db.session() as s:
-            app = get_app(s, principal, app_id)
+            app = get_app(s, principal, app_id, action=Action.RELEASE)
             current = s.get(Deployment, app.current_deployment_id or "")
             if current is None:
                 raise Conflict(

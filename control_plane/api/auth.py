@@ -1,9 +1,12 @@
-"""Login (the device flow the official CLI uses), logout, and who the caller is.
+"""Login (the device flow the official CLI uses, and email + password), logout, who the caller is.
 
 The device endpoints ignore any Authorization header: the official CLI sends a possibly stale token,
 and a 401 there would make it delete its config and never log in again. The code is approved on a small
-page of the control plane (``/login/device``) by pasting an API token; the device then gets a token of
-its own for the same user.
+page of the control plane (``/login/device``) with the user's email and password, or by pasting an API
+token; the device then gets a token of its own for the same user.
+
+Login, the device flow and the approval page are rate limited per client IP (and login per email):
+``429`` with ``Retry-After``. The device-token limit is far above the official CLI's polling rate.
 """
 
 from __future__ import annotations
@@ -13,17 +16,20 @@ import secrets
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form
+from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from sqlmodel import select
+from pydantic import BaseModel, Field
+from sqlmodel import Session, select
 
-from control_plane.api.deps import PlatformDep, PrincipalDep, SessionDep
-from control_plane.errors import APIError
-from control_plane.models import DeviceCode, utcnow
+from control_plane import audit, passwords
+from control_plane.api.deps import LimitsDep, PlatformDep, PrincipalDep, SessionDep, client_ip
+from control_plane.errors import APIError, Unauthorized
+from control_plane.models import DeviceCode, User, utcnow
+from control_plane.ratelimit import RateLimits
 from control_plane.security import authenticate, aware, hash_token, issue_user_token, require_user
 
 router = APIRouter()
-pages = APIRouter()
+pages = APIRouter(include_in_schema=False)  # HTML for browsers, not API v1
 
 DEVICE_CODE_TTL = timedelta(minutes=15)
 POLL_INTERVAL = 2
@@ -35,10 +41,76 @@ def _user_code() -> str:
     return f"{chars[:4]}-{chars[4:]}"
 
 
+class LoginRequest(BaseModel):
+    email: str = Field(min_length=1, max_length=320)
+    password: str = Field(min_length=1, max_length=passwords.MAX_LENGTH)
+
+
+class LoginResponse(BaseModel):
+    access_token: str
+    token_type: str = "bearer"
+    expires_in: int
+    """Seconds until the token expires."""
+    user: dict[str, Any]
+
+
+class Me(BaseModel):
+    id: str
+    email: str
+    name: str
+    is_admin: bool
+
+
+def _user_out(user: User) -> dict[str, Any]:
+    return {"id": user.id, "email": user.email, "name": user.name, "is_admin": user.is_admin}
+
+
+def check_password(session: Session, limits: RateLimits, ip: str, email: str, password: str) -> User:
+    """The user whose email and password these are (rate limited per IP and per email); 401 otherwise.
+
+    One message for unknown email and wrong password, and the same cost (a hash either way)."""
+    email = email.strip().lower()
+    limits.check(limits.login_ip, ip, "login attempts")
+    limits.check(limits.login_email, email, "login attempts for this account")
+    user = session.exec(select(User).where(User.email == email)).first()
+    if not passwords.verify_password(user.password_hash if user else None, password) or user is None:
+        raise Unauthorized(
+            "The email or the password is not right.",
+            title="Login failed",
+            hint="Check both; a platform admin can reset the password (`fastapi-deploy admin users reset`).",
+        )
+    if user.disabled:
+        raise Unauthorized("This account is disabled.", hint="Ask a platform admin to enable it again.")
+    assert user.password_hash is not None
+    if passwords.needs_rehash(user.password_hash):
+        user.password_hash = passwords.hash_password(password)
+    user.last_login_at = utcnow()
+    session.add(user)
+    return user
+
+
+@router.post("/auth/login")
+def login(
+    body: LoginRequest, request: Request, platform: PlatformDep, session: SessionDep, limits: LimitsDep
+) -> LoginResponse:
+    """Email and password → a user token (``expires_in`` seconds), shown once."""
+    user = check_password(session, limits, client_ip(request), body.email, body.password)
+    audit.note(request, user=user)
+    ttl = timedelta(seconds=platform.settings.login_token_ttl)
+    token = issue_user_token(session, user, "password login", ttl=ttl)
+    session.commit()
+    return LoginResponse(access_token=token, expires_in=int(ttl.total_seconds()), user=_user_out(user))
+
+
 @router.post("/login/device/authorization")
 def device_authorization(
-    platform: PlatformDep, session: SessionDep, client_id: Annotated[str, Form()] = "fastapi-cli"
+    request: Request,
+    platform: PlatformDep,
+    session: SessionDep,
+    limits: LimitsDep,
+    client_id: Annotated[str, Form()] = "fastapi-cli",
 ) -> dict[str, Any]:
+    limits.check(limits.device, client_ip(request), "login requests")
     device_code = secrets.token_urlsafe(32)
     user_code = _user_code()
     session.add(
@@ -67,11 +139,15 @@ def _oauth_error(error: str, detail: str) -> JSONResponse:
 
 @router.post("/login/device/token", response_model=None)
 def device_token(
+    request: Request,
+    platform: PlatformDep,
     session: SessionDep,
+    limits: LimitsDep,
     device_code: Annotated[str, Form()],
     client_id: Annotated[str, Form()] = "",
     grant_type: Annotated[str, Form()] = "",
 ) -> dict[str, Any] | JSONResponse:
+    limits.check(limits.device, client_ip(request), "login polls")
     row = session.get(DeviceCode, hash_token(device_code))
     if row is None or row.used:
         return _oauth_error("invalid_grant", "This login code is unknown or was already used. Log in again.")
@@ -81,22 +157,16 @@ def device_token(
         return _oauth_error("access_denied", "Login authorization was declined.")
     if row.approved_user_id is None:
         return _oauth_error("authorization_pending", "Waiting for approval in the browser.")
-    from control_plane.models import User
-
     user = session.get(User, row.approved_user_id)
-    if user is None:
-        return _oauth_error("access_denied", "The approving user no longer exists.")
-    token = issue_user_token(
-        session, user, f"device login ({row.client_id or 'cli'})", ttl=timedelta(days=90)
-    )
+    if user is None or user.disabled:
+        return _oauth_error("access_denied", "The approving user no longer exists or is disabled.")
+    audit.note(request, user=user)
+    ttl = timedelta(seconds=platform.settings.device_token_ttl)
+    token = issue_user_token(session, user, f"device login ({row.client_id or 'cli'})", ttl=ttl)
     row.used = True
     session.add(row)
     session.commit()
-    return {
-        "access_token": token,
-        "token_type": "bearer",
-        "expires_in": int(timedelta(days=90).total_seconds()),
-    }
+    return {"access_token": token, "token_type": "bearer", "expires_in": int(ttl.total_seconds())}
 
 
 @router.post("/logout", status_code=204)
@@ -109,9 +179,8 @@ def logout(session: SessionDep, principal: PrincipalDep) -> Response:
 
 
 @router.get("/users/me")
-def me(principal: PrincipalDep) -> dict[str, Any]:
-    user = require_user(principal)
-    return {"id": user.id, "email": user.email, "name": user.name, "is_admin": user.is_admin}
+def me(principal: PrincipalDep) -> Me:
+    return Me.model_validate(_user_out(require_user(principal)))
 
 
 # -- the approval page (outside /api/v1) -------------------------------------------------------------
@@ -138,8 +207,12 @@ def device_page(user_code: str = "") -> HTMLResponse:
         f"""<p>A command-line client asks to act as you. Check that the code matches what it shows.</p>
 <form method="post" action="/login/device">
 <label for="user_code">Code</label><input id="user_code" name="user_code" value="{code}" required>
-<label for="token">Your API token</label><input id="token" name="token" type="password" required
+<label for="email">Email</label><input id="email" name="email" type="email" autocomplete="username">
+<label for="password">Password</label><input id="password" name="password" type="password"
  autocomplete="current-password">
+<details><summary>Or sign in with an API token</summary>
+<label for="token">API token</label><input id="token" name="token" type="password" autocomplete="off">
+</details>
 <button name="action" value="approve">Approve</button> <button name="action" value="deny">Deny</button>
 </form>"""
     )
@@ -147,17 +220,30 @@ def device_page(user_code: str = "") -> HTMLResponse:
 
 @pages.post("/login/device", response_class=HTMLResponse)
 def device_approve(
+    request: Request,
     session: SessionDep,
+    limits: LimitsDep,
     user_code: Annotated[str, Form()],
-    token: Annotated[str, Form()],
+    token: Annotated[str, Form()] = "",
+    email: Annotated[str, Form()] = "",
+    password: Annotated[str, Form()] = "",
     action: Annotated[str, Form()] = "approve",
 ) -> HTMLResponse:
+    """Approve (or deny) a device login as the user of ``email`` + ``password``, or of ``token``."""
     try:
-        principal = authenticate(session, f"Bearer {token.strip()}")
-        user = require_user(principal)
+        if email.strip() and password:
+            user = check_password(session, limits, client_ip(request), email, password)
+            audit.note(request, user=user)
+        else:
+            limits.check(limits.login_ip, client_ip(request), "login attempts")
+            principal = authenticate(session, f"Bearer {token.strip()}")
+            user = require_user(principal)
+            audit.note(request, principal=principal)
     except APIError as exc:
+        status = exc.status_code if exc.status_code == 429 else 403
         return _page(
-            f'<p class="msg">{html.escape(exc.message)}</p><p><a href="/login/device">Try again</a></p>', 403
+            f'<p class="msg">{html.escape(exc.message)}</p><p><a href="/login/device">Try again</a></p>',
+            status,
         )
     row = session.exec(select(DeviceCode).where(DeviceCode.user_code == user_code.strip().upper())).first()
     if row is None or row.used or aware(row.expires_at) <= utcnow():

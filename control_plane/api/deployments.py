@@ -15,9 +15,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlmodel import Session, col, func, select
 
-from control_plane.api.deps import PlatformDep, PrincipalDep, SessionDep
+from control_plane import quotas
+from control_plane.api.deps import MAX_SKIP, PlatformDep, PrincipalDep, SessionDep
 from control_plane.errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge
-from control_plane.models import App, Deployment, utcnow
+from control_plane.models import App, Deployment, Team, utcnow
+from control_plane.permissions import Action
 from control_plane.platform import Platform
 from control_plane.security import Principal, aware, get_app, hash_token
 from control_plane.serializers import deployment_out
@@ -38,12 +40,20 @@ def _create_out(dep: Deployment, app: App, platform: Platform) -> dict[str, Any]
     return {k: out[k] for k in ("id", "app_id", "slug", "status", "dashboard_url", "url")} | out
 
 
-def _load(session: Session, principal: Principal, deployment_id: str) -> tuple[Deployment, App]:
+def _load(
+    session: Session, principal: Principal, deployment_id: str, action: Action
+) -> tuple[Deployment, App]:
     dep = session.get(Deployment, deployment_id)
     if dep is None:
         raise NotFound(f"Deployment {deployment_id} not found.", title="Deployment not found")
-    app = get_app(session, principal, dep.app_id, deploy_ok=True)  # 404 when not the caller's
+    app = get_app(session, principal, dep.app_id, action=action)  # 404 when not the caller's
     return dep, app
+
+
+def _team(session: Session, app: App) -> Team:
+    team = session.get(Team, app.team_id)
+    assert team is not None  # app.team_id is a foreign key
+    return team
 
 
 def _too_large(platform: Platform, size: int) -> TooLarge:
@@ -60,9 +70,10 @@ def _too_large(platform: Platform, size: int) -> TooLarge:
 def create_deployment(
     app_id: str, body: DeploymentCreate, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
 ) -> dict[str, Any]:
-    app = get_app(session, principal, app_id, deploy_ok=True)
+    app = get_app(session, principal, app_id, action=Action.DEPLOY)
     if body.archive_size_bytes > platform.settings.max_archive_bytes:
         raise _too_large(platform, body.archive_size_bytes)
+    quotas.check_deployment(session, app, _team(session, app), body.archive_size_bytes, platform.settings)
     dep = Deployment(app_id=app.id, archive_size_bytes=body.archive_size_bytes)
     session.add(dep)
     session.commit()
@@ -76,9 +87,9 @@ def list_deployments(
     session: SessionDep,
     principal: PrincipalDep,
     limit: int = Query(100, ge=1, le=1000),
-    skip: int = Query(0, ge=0),
+    skip: int = Query(0, ge=0, le=MAX_SKIP),
 ) -> dict[str, Any]:
-    app = get_app(session, principal, app_id)
+    app = get_app(session, principal, app_id, action=Action.APP_MONITOR)
     query = select(Deployment).where(Deployment.app_id == app.id)
     count = session.exec(select(func.count()).select_from(query.subquery())).one()
     rows = session.exec(query.order_by(col(Deployment.created_at).desc()).offset(skip).limit(limit)).all()
@@ -89,7 +100,7 @@ def list_deployments(
 def read_deployment(
     deployment_id: str, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
 ) -> dict[str, Any]:
-    dep, app = _load(session, principal, deployment_id)
+    dep, app = _load(session, principal, deployment_id, Action.DEPLOYMENT_READ)
     return deployment_out(dep, app, platform.settings)
 
 
@@ -97,7 +108,7 @@ def read_deployment(
 def upload_url(
     deployment_id: str, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
 ) -> dict[str, Any]:
-    dep, _app = _load(session, principal, deployment_id)
+    dep, _app = _load(session, principal, deployment_id, Action.DEPLOY)
     if dep.status != S.WAITING_UPLOAD:
         raise Conflict(f"Deployment {dep.slug} is not waiting for an upload (it is {dep.status}).")
     token = secrets.token_urlsafe(32)
@@ -121,14 +132,16 @@ async def receive_archive(deployment_id: str, request: Request, platform: Platfo
     if declared > limit + _MULTIPART_OVERHEAD:
         raise _too_large(platform, declared)
 
-    def check_deployment() -> Deployment:
+    def check_deployment() -> tuple[Deployment, Team, int | None]:
         with platform.db.session() as s:
             dep = s.get(Deployment, deployment_id)
-            if dep is None:
+            app = s.get(App, dep.app_id) if dep is not None else None
+            if dep is None or app is None:
                 raise NotFound("Unknown upload target.", title="Upload not found")
-            return dep
+            team = _team(s, app)
+            return dep, team, quotas.limits(s, team.id, platform.settings).max_archive_bytes
 
-    dep = await asyncio.to_thread(check_deployment)
+    dep, team, team_limit = await asyncio.to_thread(check_deployment)
     form = await request.form(max_files=1, max_fields=8)
     try:
         token = form.get("upload_token")
@@ -161,6 +174,10 @@ async def receive_archive(deployment_id: str, request: Request, platform: Platfo
             return size
 
         size = await asyncio.to_thread(store)
+        if team_limit is not None and size > team_limit:
+            # The size declared at create time was checked; this is what was actually sent.
+            platform.paths.archive(dep.id).unlink(missing_ok=True)
+            quotas.check_archive_size(team_limit, size, team)
     finally:
         await form.close()
 
@@ -183,7 +200,7 @@ async def upload_complete(
 ) -> dict[str, Any]:
     def mark() -> tuple[Deployment, App]:
         with platform.db.session() as s:
-            dep, app = _load(s, principal, deployment_id)
+            dep, app = _load(s, principal, deployment_id, Action.DEPLOY)
             if dep.status != S.WAITING_UPLOAD:
                 raise Conflict(f"Deployment {dep.slug} was already submitted (it is {dep.status}).")
             if not platform.paths.archive(dep.id).is_file():
@@ -207,7 +224,7 @@ async def upload_complete(
 def upload_cancelled(
     deployment_id: str, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
 ) -> dict[str, Any]:
-    dep, app = _load(session, principal, deployment_id)
+    dep, app = _load(session, principal, deployment_id, Action.DEPLOY)
     if dep.status == S.WAITING_UPLOAD:
         dep.status = S.UPLOAD_CANCELLED
         dep.finished_at = dep.updated_at = utcnow()
@@ -224,7 +241,7 @@ async def build_logs(
 ) -> StreamingResponse:
     def check() -> None:
         with platform.db.session() as s:
-            _load(s, principal, deployment_id)
+            _load(s, principal, deployment_id, Action.DEPLOYMENT_READ)
 
     await asyncio.to_thread(check)
     return StreamingResponse(

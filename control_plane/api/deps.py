@@ -1,4 +1,4 @@
-"""Dependencies shared by the API modules: the platform, a database session, the caller."""
+"""Dependencies shared by the API modules: the platform, a database session, the caller, rate limits."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from sqlmodel import Session
 
+from control_plane import audit
 from control_plane.platform import Platform
+from control_plane.ratelimit import RateLimits
 from control_plane.security import Principal, authenticate
 
 
@@ -23,12 +25,29 @@ def get_session(platform: Annotated[Platform, Depends(get_platform)]) -> Iterato
 
 
 def get_principal(
+    request: Request,
     session: Annotated[Session, Depends(get_session)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Principal:
-    return authenticate(session, authorization)
+    principal = authenticate(session, authorization)
+    audit.note(request, principal=principal)
+    return principal
 
+
+def get_limits(request: Request) -> RateLimits:
+    limits: RateLimits = request.app.state.rate_limits
+    return limits
+
+
+def client_ip(request: Request) -> str:
+    """The peer's address (uvicorn already applied ``X-Forwarded-For`` from trusted proxies)."""
+    return request.client.host if request.client else "unknown"
+
+
+MAX_SKIP = 1_000_000_000
+"""The largest ``skip`` a list accepts (databases keep offsets in 64-bit integers at most)."""
 
 PlatformDep = Annotated[Platform, Depends(get_platform)]
 SessionDep = Annotated[Session, Depends(get_session)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+LimitsDep = Annotated[RateLimits, Depends(get_limits)]

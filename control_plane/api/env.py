@@ -14,6 +14,7 @@ from control_plane.api.apps import new_release
 from control_plane.api.deps import PlatformDep, PrincipalDep, SessionDep
 from control_plane.errors import BadRequest
 from control_plane.models import App, Deployment, EnvVar, utcnow
+from control_plane.permissions import Action
 from control_plane.platform import Platform
 from control_plane.security import get_app
 from control_plane.serializers import ts
@@ -69,7 +70,7 @@ def _list(session: Session, app_id: str, platform: Platform) -> dict[str, Any]:
 def list_env(
     app_id: str, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
 ) -> dict[str, Any]:
-    app = get_app(session, principal, app_id)
+    app = get_app(session, principal, app_id, action=Action.ENV_READ)
     return _list(session, app.id, platform)
 
 
@@ -79,7 +80,7 @@ async def update_env(
 ) -> dict[str, Any]:
     def apply() -> tuple[dict[str, Any], Deployment | None]:
         with platform.db.session() as s:
-            app: App = get_app(s, principal, app_id)
+            app: App = get_app(s, principal, app_id, action=Action.ENV_WRITE)
             existing = {r.name: r for r in s.exec(select(EnvVar).where(EnvVar.app_id == app.id)).all()}
             if len(set(existing) | set(body.upsert)) > MAX_VARS:
                 raise BadRequest(f"An app can have at most {MAX_VARS} environment variables.")

@@ -16,6 +16,7 @@ from control_plane.api.deps import PlatformDep, PrincipalDep
 from control_plane.errors import BadRequest
 from control_plane.logstore import LogFilter
 from control_plane.models import utcnow
+from control_plane.permissions import Action
 from control_plane.security import get_app
 from runtime.logparse import LEVEL_RANK
 
@@ -62,7 +63,7 @@ async def stream_logs(
 ) -> StreamingResponse:
     def check() -> str:
         with platform.db.session() as s:
-            return get_app(s, principal, app_id).id
+            return get_app(s, principal, app_id, action=Action.LOGS_READ).id
 
     app = await asyncio.to_thread(check)
     if level is not None and level.lower() not in LEVEL_RANK:

@@ -9,10 +9,12 @@ from typing import Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
+from control_plane import quotas
 from control_plane.api.deps import PlatformDep, PrincipalDep, SessionDep
 from control_plane.deployer import scaling_settings
 from control_plane.errors import BadRequest
-from control_plane.models import App, utcnow
+from control_plane.models import App, Team, utcnow
+from control_plane.permissions import Action
 from control_plane.platform import Platform
 from control_plane.security import get_app
 from control_plane.serializers import ts
@@ -72,7 +74,7 @@ def scaling_out(platform: Platform, app: App) -> dict[str, Any]:
 def read_scaling(
     app_id: str, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
 ) -> dict[str, Any]:
-    return scaling_out(platform, get_app(session, principal, app_id))
+    return scaling_out(platform, get_app(session, principal, app_id, action=Action.APP_MONITOR))
 
 
 @router.patch("/apps/{app_id}/scaling")
@@ -81,7 +83,7 @@ async def update_scaling(
 ) -> dict[str, Any]:
     def apply() -> App:
         with platform.db.session() as s:
-            app = get_app(s, principal, app_id)
+            app = get_app(s, principal, app_id, action=Action.SCALE)
             for name, value in body.model_dump(exclude_unset=True).items():
                 if value is not None:
                     setattr(app, name, value)
@@ -91,6 +93,9 @@ async def update_scaling(
                 raise BadRequest(
                     str(exc), title="Invalid scaling settings", hint="Check min <= max."
                 ) from exc
+            team = s.get(Team, app.team_id)
+            assert team is not None  # a foreign key
+            quotas.check_scaling(s, app, team, platform.settings)
             app.updated_at = utcnow()
             s.add(app)
             s.commit()
@@ -113,7 +118,7 @@ async def list_events(
 ) -> dict[str, Any]:
     def load() -> list[dict[str, Any]]:
         with platform.db.session() as s:
-            app = get_app(s, principal, app_id)
+            app = get_app(s, principal, app_id, action=Action.APP_MONITOR)
         return [
             {
                 "id": str(e.id),

@@ -70,6 +70,15 @@ class InstanceSpec:
     """Working directory: the project root (default: ``app_dir``)."""
     env: Mapping[str, str] = field(default_factory=dict)
     health_path: str = "/"
+    image: str | None = None
+    """The OCI image of the revision (``runtime/images.py``): image backends (``docker``) run it, and
+    then ``python``, ``app_dir`` and ``workdir`` are paths *inside* it; ``process`` ignores it."""
+    memory_mb: int | None = None
+    """Memory limit of one instance in MiB (``None``: none). Enforced by ``docker`` (a cgroup limit: an
+    instance that exceeds it is OOM-killed and reported with :attr:`Instance.oom`); ``process`` does
+    not enforce it yet."""
+    cpus: float | None = None
+    """CPU limit of one instance in cores (``None``: none). Enforced by ``docker``; not by ``process``."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,9 @@ class Instance:
     pid: int = 0
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     exit_code: int | None = None
+    """Set once it exited: its status, or minus the signal number that killed it (``-9``)."""
+    oom: bool = False
+    """It was killed for exceeding :attr:`InstanceSpec.memory_mb` (backends that enforce it)."""
     exited: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def transition(self, new: InstanceState) -> None:
@@ -120,13 +132,21 @@ class Instance:
             "pid": self.pid,
             "started_at": self.started_at.isoformat(),
             "exit_code": self.exit_code,
+            "oom": self.oom,
         }
 
 
 class Backend(Protocol):
-    """Runs instances. Implementations: ``process`` (here), later ``docker`` and ``kubernetes``."""
+    """Runs instances. Implementations: ``process`` (``process.py``), ``docker`` (``docker.py``), later
+    ``kubernetes``. One conformance suite (``tests/test_backends_conformance.py``) runs against each.
+
+    An image backend (``docker``) also has ``images``: the :class:`runtime.images.ImageEngine` the deploy
+    pipeline builds revisions' images with; a backend without that attribute runs virtualenvs.
+    """
 
     name: str
+    on_exit: ExitCallback | None
+    """Called (on the event loop) with an instance that exited without being asked to."""
 
     async def start(self, spec: InstanceSpec, *, timeout: float) -> Instance:
         """Start one instance and return it *ready*: lifespan startup done, health path answering
@@ -147,8 +167,16 @@ class Backend(Protocol):
         """The last lines an instance printed (kept after it exited)."""
         ...
 
-    async def recover(self) -> None:
-        """After a control-plane restart: clean up what a previous run left behind."""
+    async def recover(self) -> list[Instance]:
+        """After a control-plane restart: take over or clean up what a previous run left behind.
+
+        Returns the instances it *adopted*: still running, healthy, now watched again (their output
+        goes to the log sink, their exit to ``on_exit``) and listed by :meth:`instances`, in state
+        ``warm`` with the spec rebuilt from what the backend recorded (the caller may put its own spec
+        of the same revision in place: ``instance.spec = spec``). Everything else a previous run left
+        is stopped. ``process`` adopts nothing (the pipes to its instances died with the old control
+        plane): it stops them all and returns ``[]``; ``docker`` adopts the containers labelled as
+        this platform's."""
         ...
 
     # Optional: revision-level preparation. A backend with nothing to prepare per revision implements
@@ -166,5 +194,5 @@ class Backend(Protocol):
         ...
 
     async def close(self, *, timeout: float = 10.0) -> None:
-        """Stop every instance."""
+        """Stop every instance (a graceful control-plane stop leaves nothing to adopt)."""
         ...

@@ -46,7 +46,7 @@ from typing import Any
 from runtime import launcher as _launcher_module
 from runtime.backends.base import ExitCallback, Instance, InstanceSpec, InstanceState, LogRecord, LogSink
 from runtime.errors import DeployError, VerifyError
-from runtime.health import is_healthy, probe
+from runtime.health import Unhealthy, wait_healthy
 from runtime.logparse import parse_level
 
 log = logging.getLogger("fastapi_deploy.backend.process")
@@ -217,9 +217,10 @@ class ProcessBackend:
         tail = self._tails.get(instance_id)
         return list(tail)[-lines:] if tail else []
 
-    async def recover(self) -> None:
+    async def recover(self) -> list[Instance]:
         """Kill instances and templates a previous control plane left running (it crashed, or was
-        killed). Instances first, gracefully: killing a template first would SIGKILL its instances."""
+        killed). Instances first, gracefully: killing a template first would SIGKILL its instances.
+        Adopts nothing (their pipes died with the old control plane): returns ``[]``."""
         instances: list[tuple[int, tuple[str, ...]]] = []
         templates: list[tuple[int, tuple[str, ...]]] = []
         for path in self.state_dir.glob("*.json"):
@@ -235,6 +236,7 @@ class ProcessBackend:
         await _terminate(templates)
         for path in self.state_dir.glob("*.json"):
             path.unlink(missing_ok=True)
+        return []
 
     async def close(self, *, timeout: float = 10.0) -> None:
         await asyncio.gather(*(self.stop(i, timeout=timeout) for i in list(self._instances.values())))
@@ -615,17 +617,18 @@ class ProcessBackend:
 
     async def _wait_healthy(self, instance: Instance, deadline: float) -> None:
         spec = instance.spec
-        last: int | None = None
-        while True:
-            if instance.exited.is_set():
-                raise self._not_ready(instance, "exited during startup")
-            last = await probe(instance.host, instance.port, spec.hostname, spec.health_path, timeout=2.0)
-            if is_healthy(last):
-                return
-            if time.monotonic() >= deadline:
-                what = "did not answer" if last is None else f"answered {last}"
-                raise self._not_ready(instance, f"{what} on its health path {spec.health_path}")
-            await asyncio.sleep(self.probe_interval)
+        try:
+            await wait_healthy(
+                instance.host,
+                instance.port,
+                spec.hostname,
+                spec.health_path,
+                deadline=deadline,
+                exited=instance.exited,
+                interval=self.probe_interval,
+            )
+        except Unhealthy as exc:
+            raise self._not_ready(instance, str(exc)) from None
 
     def _not_ready(self, instance: Instance, what: str) -> VerifyError:
         tail = self.output_tail(instance.id, 30)

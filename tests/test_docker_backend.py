@@ -1,0 +1,304 @@
+"""End to end on the docker backend: a real server (``--backend docker``) pushing to a real registry.
+
+The real CLI pushes the examples; each is built into an image (runtime/images.py), pushed to Debian's
+docker-registry on loopback (with a password) and run as containers that the router reaches. A code-only
+redeploy reuses the dependency layer (same digest); the image is pulled back by digest; a killed
+container is replaced; an app over its memory limit is reported; a crashed control plane's containers
+are adopted by the next one. ``scripts/test`` prepares the engine, the base image and the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from runtime.images import LABEL
+from tests import dockerenv
+from tests.conftest import EXAMPLES, ROOT, Server, make_server, wait_until
+
+pytestmark = pytest.mark.e2e
+
+HOG = """\
+import os
+from contextlib import asynccontextmanager
+from fastapi import FastAPI
+
+held = []
+
+
+@asynccontextmanager
+async def lifespan(app):
+    if os.environ.get("HOG_AT_STARTUP"):
+        held.append(b"x" * (400 * 2**20))
+    yield
+
+
+app = FastAPI(lifespan=lifespan)
+
+
+@app.get("/")
+def root():
+    return {"held": len(held)}
+
+
+@app.get("/hog")
+def hog():
+    held.append(b"x" * (400 * 2**20))
+    return {"held": len(held)}
+"""
+
+
+def docker_server(tmp: Path, **extra: str) -> Server:
+    return make_server(
+        tmp,
+        FASTAPI_DEPLOY_BACKEND="docker",
+        FASTAPI_DEPLOY_BASE_IMAGE=dockerenv.BASE_IMAGE,
+        FASTAPI_DEPLOY_REGISTRY=f"{dockerenv.REGISTRY}/e2e",
+        FASTAPI_DEPLOY_REGISTRY_USERNAME=dockerenv.REGISTRY_USERNAME,
+        FASTAPI_DEPLOY_REGISTRY_PASSWORD=dockerenv.REGISTRY_PASSWORD,
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    dockerenv.require()
+    tmp = tmp_path_factory.mktemp("docker-server")
+    srv = docker_server(tmp)
+    srv.start()
+    srv.cli("login", "--url", srv.url, "--token", srv.admin_token)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        artifacts = ROOT / "test-artifacts"
+        artifacts.mkdir(exist_ok=True)
+        (artifacts / f"server-{tmp.name}.log").write_text(srv.log_path.read_text(errors="replace"))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("projects")
+
+
+def push(server: Server, path: Path, app: str, *, check: bool = True) -> dict[str, Any]:
+    result = server.cli("push", str(path), "--app", app, "--json", check=False)
+    try:
+        out: dict[str, Any] = json.loads(result.stdout)
+    except ValueError:
+        raise AssertionError(f"push printed no JSON:\n{result.stdout}\n{result.stderr}") from None
+    if check:
+        assert result.returncode == 0, f"push failed:\n{result.stdout}\n{result.stderr}"
+        assert out["status"] == "success", out
+    return out
+
+
+def build_log(server: Server, deployment_id: str) -> str:
+    with server.api() as api, api.stream("GET", f"/deployments/{deployment_id}/build-logs") as r:
+        lines = [json.loads(line) for line in r.iter_lines() if line.strip()]
+    return "\n".join(line.get("message", "") for line in lines if line["type"] == "message")
+
+
+def image_of(server: Server, deployment_id: str) -> dict[str, Any]:
+    record: dict[str, Any] = json.loads(
+        (server.data_dir / "deployments" / deployment_id / "image.json").read_text()
+    )
+    return record
+
+
+def containers_of(app_id: str) -> list[dict[str, Any]]:
+    return [c for c in dockerenv.containers(f"{LABEL}.app={app_id}") if c["State"] == "running"]
+
+
+def app_id(server: Server, slug: str) -> str:
+    return str(server.cli_json("status", slug)["app"]["id"])
+
+
+def copy_example(name: str, dest: Path) -> Path:
+    shutil.copytree(EXAMPLES / name, dest)
+    return dest
+
+
+# -- deploy and serve ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("example", "expect"),
+    [
+        ("hello", {"message": "Hello from fastapi-deploy"}),
+        ("with-deps", {"size": "1.0 MB", "humanize": None}),
+    ],
+)
+def test_examples_run_as_containers_behind_the_router(
+    server: Server, workdir: Path, example: str, expect: dict[str, Any]
+) -> None:
+    out = push(server, copy_example(example, workdir / example), f"dk-{example}")
+
+    r = server.get(f"dk-{example}", "/")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert {k: v for k, v in body.items() if expect.get(k) is not None} == {
+        k: v for k, v in expect.items() if v is not None
+    }
+    image = image_of(server, out["deployment_id"])
+    log = build_log(server, out["deployment_id"])
+    assert f"Pushed {image['reference']}" in log
+    running = containers_of(app_id(server, f"dk-{example}"))
+    assert len(running) == 1
+    container = running[0]
+    assert container["ImageID"] == image["image_id"]
+    assert container["Labels"][f"{LABEL}.deployment"] == out["deployment_id"]
+    with dockerenv.connected() as client:
+        api = client.api
+        attrs = api.inspect_container(container["Id"])
+    assert attrs["Config"]["User"] == "10001:10001"  # the image's non-root user
+    assert attrs["HostConfig"]["Memory"] == 512 * 2**20  # the platform's instance size
+    assert attrs["HostConfig"]["NanoCpus"] == int(0.5 * 1e9)
+    bindings = attrs["NetworkSettings"]["Ports"]["8000/tcp"]
+    assert [b["HostIp"] for b in bindings] == ["127.0.0.1"]
+
+
+def test_code_only_redeploy_reuses_the_dependency_layer(server: Server, workdir: Path) -> None:
+    project = copy_example("with-deps", workdir / "layered")
+    first = push(server, project, "layered")
+    (project / "main.py").write_text((project / "main.py").read_text().replace('{"size":', '{"bytes":'))
+
+    second = push(server, project, "layered")
+
+    before, after = image_of(server, first["deployment_id"]), image_of(server, second["deployment_id"])
+    with dockerenv.connected() as client:
+        api = client.api
+        layers_before = api.inspect_image(before["image_id"])["RootFS"]["Layers"]
+        layers_after = api.inspect_image(after["image_id"])["RootFS"]["Layers"]
+    assert layers_after[:-1] == layers_before[:-1]  # base, dependencies, launcher: the same digests
+    assert layers_after[-1] != layers_before[-1]  # only the app layer is new
+    assert after["dependency_layer"] == before["dependency_layer"] in layers_after
+    assert "Dependencies unchanged" in build_log(server, second["deployment_id"])
+    assert "New dependencies" not in build_log(server, second["deployment_id"])
+    assert server.get("layered").json()["bytes"] == "1.0 MB"
+
+
+def test_image_is_pushed_and_pulled_back_by_digest(server: Server, workdir: Path) -> None:
+    out = push(server, copy_example("hello", workdir / "digested"), "digested")
+    image = image_of(server, out["deployment_id"])
+    reference = image["reference"]
+    repository, digest = reference.split("@")
+    assert repository == f"{dockerenv.REGISTRY}/e2e/{app_id(server, 'digested')}"
+    name = repository.split("/", 1)[1]
+    manifest_url = f"http://{dockerenv.REGISTRY}/v2/{name}/manifests/{digest}"
+    accept = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
+
+    anonymous = httpx.get(manifest_url, headers=accept)
+    assert anonymous.status_code == 401  # the registry wants the platform's credentials
+    auth = (dockerenv.REGISTRY_USERNAME, dockerenv.REGISTRY_PASSWORD)
+    manifest = httpx.get(manifest_url, headers=accept, auth=auth)
+    assert manifest.status_code == 200, manifest.text
+    assert manifest.headers["Docker-Content-Digest"] == digest
+    assert manifest.json()["config"]["digest"] == image["image_id"]  # the registry has exactly our image
+
+    with dockerenv.connected() as client:
+        api = client.api
+        api.remove_image(reference)  # the local digest reference goes (the image stays: it runs)
+        assert reference not in api.inspect_image(image["image_id"]).get("RepoDigests", [])
+        events = list(
+            api.pull(
+                repository,
+                tag=digest,
+                stream=True,
+                decode=True,
+                auth_config={"username": auth[0], "password": auth[1]},
+            )
+        )
+        assert not [e for e in events if "error" in e], events
+        assert api.inspect_image(reference)["Id"] == image["image_id"]
+    # And what the registry holds is what runs: the container was started by digest.
+    assert containers_of(app_id(server, "digested"))[0]["Image"] == reference
+
+
+def test_killed_container_is_replaced(server: Server, workdir: Path) -> None:
+    push(server, copy_example("hello", workdir / "killed"), "killed")
+    ident = app_id(server, "killed")
+    [victim] = containers_of(ident)
+
+    with dockerenv.connected() as client:
+        api = client.api
+        api.kill(victim["Id"])
+
+    replacement = wait_until(
+        lambda: [c for c in containers_of(ident) if c["Id"] != victim["Id"]], 60, what="a new container"
+    )
+    assert len(replacement) == 1
+    r = wait_until(lambda: (r := server.get("killed")).status_code == 200 and r, 30, what="the app again")
+    assert r.json() == {"message": "Hello from fastapi-deploy"}
+    logs = server.cli("logs", "killed", "--tail", "200").stdout
+    assert "exited unexpectedly (exit code -9)" in logs
+
+
+def test_out_of_memory_is_reported(server: Server, workdir: Path) -> None:
+    project = workdir / "hog"
+    project.mkdir()
+    (project / "main.py").write_text(HOG)
+    (project / "requirements.txt").write_text("fastapi\nuvicorn\n")
+    with server.api() as api:
+        assert api.patch("/admin/settings", json={"instance_memory_mb": 160}).status_code == 200
+    try:
+        # At runtime: the instance is killed at its limit, the logs say so, a new one takes over.
+        push(server, project, "hog")
+        r = server.get("hog", "/hog")
+        assert r.status_code == 502, r.text
+        logs = wait_until(
+            lambda: (
+                (out := server.cli("logs", "hog", "--tail", "200").stdout) and "out of memory" in out and out
+            ),
+            30,
+            what="the OOM log line",
+        )
+        assert "was killed: out of memory (limit 160 MiB)" in logs
+        wait_until(lambda: server.get("hog").status_code == 200, 60, what="a replacement instance")
+
+        # At startup: verification fails as out of memory, and the previous revision keeps serving.
+        server.cli("env", "set", "hog", "HOG_AT_STARTUP=1", "--no-redeploy")
+        failed = push(server, project, "hog", check=False)
+        assert failed["status"] == "verifying_failed", failed
+        assert failed["failure"]["error_code"] == "verifying_failed_oom", failed
+        assert failed["failure"]["error_title"] == "Out of memory"
+        assert "ran out of memory during startup" in build_log(server, failed["deployment_id"])
+        assert server.get("hog").status_code == 200
+    finally:
+        with server.api() as api:
+            api.patch("/admin/settings", json={"instance_memory_mb": 512})
+
+
+# -- restarts ---------------------------------------------------------------------------------------------
+
+
+def test_a_crashed_control_plane_s_containers_are_adopted(tmp_path: Path) -> None:
+    dockerenv.require()
+    srv = docker_server(tmp_path)
+    srv.start()
+    try:
+        srv.cli("login", "--url", srv.url, "--token", srv.admin_token)
+        push(srv, copy_example("hello", tmp_path / "adopted"), "adopted")
+        ident = app_id(srv, "adopted")
+        before = {c["Id"] for c in containers_of(ident)}
+
+        srv.stop(sig=signal.SIGKILL)  # a crash: nothing is stopped
+        assert {c["Id"] for c in containers_of(ident)} == before
+        srv.start()
+
+        r = wait_until(lambda: (r := srv.get("adopted")).status_code == 200 and r, 30, what="the app")
+        assert r.json() == {"message": "Hello from fastapi-deploy"}
+        assert {c["Id"] for c in containers_of(ident)} == before  # adopted, not restarted
+        assert "Adopted instance" in srv.cli("logs", "adopted", "--tail", "200").stdout
+
+        srv.stop()  # a graceful stop stops its containers
+        assert containers_of(ident) == []
+    finally:
+        srv.stop()
