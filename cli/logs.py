@@ -64,12 +64,30 @@ def logs(
     ] = "5m",
     level: Annotated[Level | None, typer.Option("--level", "-l", help="Minimum level.")] = None,
     grep: Annotated[str | None, typer.Option("--grep", "-g", help="Only lines containing this text.")] = None,
+    request_id: Annotated[
+        str | None, typer.Option("--request-id", help="Only the lines of this request (X-Request-ID).")
+    ] = None,
+    trace_id: Annotated[
+        str | None, typer.Option("--trace-id", help="Only the lines of this trace (X-Trace-Id).")
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Show an app's logs (timestamp, level, message); --json prints the NDJSON entries."""
     session = use(ctx, json_output)
     client, out = session.client, session.output
     app_id = str(resolve_app(client, app_ref)["id"])
+    if request_id or trace_id:  # a search, not a stream: the lines of one request or trace
+        if follow:
+            raise typer.BadParameter("--follow does not go with --request-id or --trace-id")
+        search: dict[str, Any] = {"since": since, "limit": tail}
+        for key, value in (("request_id", request_id), ("trace_id", trace_id), ("q", grep)):
+            if value:
+                search[key] = value
+        if level is not None:
+            search["level"] = level.value
+        for entry in client.get(f"/apps/{app_id}/logs", params=search)["data"]:
+            print_entry(out, json.dumps(entry))
+        return
     params: dict[str, Any] = {"tail": tail, "since": since, "follow": "true" if follow else "false"}
     if level is not None:
         params["level"] = level.value

@@ -50,6 +50,13 @@ def push(
     no_wait: Annotated[
         bool, typer.Option("--no-wait", help="Return once uploaded; don't follow the build.")
     ] = False,
+    fail_on_breaking: Annotated[
+        bool,
+        typer.Option(
+            "--fail-on-breaking",
+            help="Refuse to switch traffic if the new revision's API breaks the serving one's.",
+        ),
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Deploy a FastAPI project: upload it, build it, and print its URL."""
@@ -88,7 +95,7 @@ def push(
         files = "file" if packed.file_count == 1 else "files"
         out.say(f"Packed {packed.file_count} {files} ({format_size(packed.size_bytes)})")
 
-        deployment = create_deployment(client, str(target["id"]), packed)
+        deployment = create_deployment(client, str(target["id"]), packed, fail_on_breaking=fail_on_breaking)
         deployment = upload(client, out, str(deployment["id"]), packed)
 
     if no_wait:
@@ -116,11 +123,14 @@ def find_or_create_app(client: Client, out: Output, *, team_id: str, name: str) 
     return created
 
 
-def create_deployment(client: Client, app_id: str, packed: archive.Archive) -> dict[str, Any]:
+def create_deployment(
+    client: Client, app_id: str, packed: archive.Archive, *, fail_on_breaking: bool = False
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"archive_size_bytes": packed.size_bytes}
+    if fail_on_breaking:
+        body["fail_on_breaking"] = True
     try:
-        created: dict[str, Any] = client.post(
-            f"/apps/{app_id}/deployments/", json={"archive_size_bytes": packed.size_bytes}
-        )
+        created: dict[str, Any] = client.post(f"/apps/{app_id}/deployments/", json=body)
     except APIError as err:
         if err.status != 413:
             raise

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from control_plane.api import admin, apps, auth, deployments, env, logs, scaling, teams, tokens
+from control_plane import prometheus
+from control_plane.api import (
+    admin,
+    apps,
+    auth,
+    deployments,
+    env,
+    insights,
+    logs,
+    scaling,
+    teams,
+    telemetry,
+    tokens,
+)
 from control_plane.audit import AuditMiddleware
 from control_plane.config import Settings
 from control_plane.errors import APIError, api_error_handler, error_responses, http_error_handler
@@ -53,12 +67,27 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     # Outermost: records every mutating call, whatever the inner layers answer.
     app.add_middleware(AuditMiddleware)
-    for module in (auth, teams, apps, deployments, logs, env, tokens, scaling, admin):
+    for module in (auth, teams, apps, deployments, logs, env, tokens, scaling, telemetry, insights, admin):
         app.include_router(
             module.router, prefix="/api/v1", responses=error_responses(400, 401, 403, 404, 409, 413, 429)
         )
+    app.include_router(telemetry.receiver)
     app.include_router(auth.pages)
     app.include_router(dashboard_router)
+
+    @app.get("/metrics", include_in_schema=False, response_model=None)
+    def prometheus_metrics(request: Request) -> Response:
+        """Prometheus exposition: requests, latency, instances, scale events, deploys, trace pipeline."""
+        p: Platform = request.app.state.platform
+        token = p.settings.metrics_token
+        if token:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return JSONResponse(
+                    {"detail": {"title": "Unauthorized", "message": "/metrics needs the metrics token."}},
+                    status_code=401,
+                )
+        return Response(prometheus.exposition(p), media_type=prometheus.CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, Any]:

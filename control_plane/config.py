@@ -83,6 +83,26 @@ class Settings:
     token endpoint every ``interval`` (2 s) for up to 5 minutes; that must never be limited."""
     rate_limit_tokens: tuple[int, float] = (20, 3.0)
     """Token creations per caller: a burst of N, then one per S seconds."""
+    tracing: bool = True
+    """Instrument instances with OpenTelemetry (``runtime/instrument.py``); off: edge spans only."""
+    trace_sample: float = 0.1
+    """Share of traces kept when nothing is wrong with them (errors and slow ones are always kept)."""
+    trace_slow_ms: float = 500.0
+    """A request at least this slow has its trace kept."""
+    trace_retention: float = 3 * 86400.0
+    """Seconds spans are kept."""
+    otlp_forward_url: str = ""
+    """Also send every kept span to this OTLP/HTTP traces endpoint (e.g. ``http://collector:4318/v1/traces``)."""
+    otlp_forward_headers: str = field(default="", repr=False)
+    """Headers for it, ``name=value,name=value`` (e.g. an API key)."""
+    metrics_fine_retention: float = 3600.0
+    """Seconds the 10-second metric rollups are kept."""
+    metrics_coarse_retention: float = 7 * 86400.0
+    """Seconds the 1-minute metric rollups are kept."""
+    metrics_token: str = field(default="", repr=False)
+    """If set, ``/metrics`` needs ``Authorization: Bearer <it>``; else it is open, like most exporters."""
+    log_retention_days: float = 14.0
+    """Log lines older than this are dropped (in whole segments), whatever the size retention allows."""
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -142,6 +162,10 @@ class Settings:
             "registry_username": _env("FASTAPI_DEPLOY_REGISTRY_USERNAME", ""),
             "registry_password": _env("FASTAPI_DEPLOY_REGISTRY_PASSWORD", ""),
             "secret_keys": _env("FASTAPI_DEPLOY_SECRET_KEY", ""),
+            "otlp_forward_url": _env("FASTAPI_DEPLOY_OTLP_FORWARD_URL", ""),
+            "otlp_forward_headers": _env("FASTAPI_DEPLOY_OTLP_FORWARD_HEADERS", ""),
+            "metrics_token": _env("FASTAPI_DEPLOY_METRICS_TOKEN", ""),
+            "tracing": _env("FASTAPI_DEPLOY_TRACING", "1").strip().lower() not in ("0", "false", "no", "off"),
         }
         numeric = {
             "build_timeout": ("FASTAPI_DEPLOY_BUILD_TIMEOUT", float),
@@ -154,6 +178,12 @@ class Settings:
             "log_retention_bytes": ("FASTAPI_DEPLOY_LOG_RETENTION_BYTES", int),
             "login_token_ttl": ("FASTAPI_DEPLOY_LOGIN_TOKEN_TTL", float),
             "device_token_ttl": ("FASTAPI_DEPLOY_DEVICE_TOKEN_TTL", float),
+            "trace_sample": ("FASTAPI_DEPLOY_TRACE_SAMPLE", float),
+            "trace_slow_ms": ("FASTAPI_DEPLOY_TRACE_SLOW_MS", float),
+            "trace_retention": ("FASTAPI_DEPLOY_TRACE_RETENTION", float),
+            "metrics_fine_retention": ("FASTAPI_DEPLOY_METRICS_FINE_RETENTION", float),
+            "metrics_coarse_retention": ("FASTAPI_DEPLOY_METRICS_COARSE_RETENTION", float),
+            "log_retention_days": ("FASTAPI_DEPLOY_LOG_RETENTION_DAYS", float),
         }
         for name, (var, conv) in numeric.items():
             if var in os.environ:

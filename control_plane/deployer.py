@@ -17,25 +17,29 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlmodel import col, select
 
+from control_plane import insights
 from control_plane.buildlogs import BuildLogs
 from control_plane.config import Settings
 from control_plane.db import Database
 from control_plane.fleet import Fleet, Revision
+from control_plane.instrumentation import Instrumentation
 from control_plane.models import App, Deployment, EnvVar, utcnow
 from control_plane.secrets import SecretBox
 from control_plane.statuses import TERMINAL
 from control_plane.statuses import DeploymentStatus as S
 from runtime.archive import ExtractLimits, extract_archive
 from runtime.autoscaler import ScalingSettings
-from runtime.backends.base import Instance, InstanceSpec, InstanceState
+from runtime.backends.base import Instance, InstanceSpec, InstanceState, LogRecord, LogSink
 from runtime.builder import build_environment, prune_environments
 from runtime.detect import Project, detect_project
 from runtime.errors import RuntimeFailure
 from runtime.images import BuildLimits, BuiltImage, ImageEngine, ImageMeta, build_image, prune_layers
+from runtime.logparse import parse_level
 from runtime.registry import Registry
 
 log = logging.getLogger("fastapi_deploy.deployer")
@@ -81,8 +85,13 @@ class Deployer:
         fleet: Fleet,
         buildlogs: BuildLogs,
         secrets: SecretBox,
+        instrumentation: Instrumentation | None = None,
+        app_log: LogSink | None = None,
     ) -> None:
         self.settings = settings
+        self.instrumentation = instrumentation
+        self.app_log = app_log
+        self._app_of: dict[str, str] = {}  # deployment id -> app id, while it runs
         self.db = db
         self.fleet = fleet
         self.buildlogs = buildlogs
@@ -127,6 +136,13 @@ class Deployer:
 
     async def _run(self, deployment_id: str) -> None:
         dep = await asyncio.to_thread(self._get, deployment_id)
+        self._app_of[dep.id] = dep.app_id
+        try:
+            await self._run_locked(dep, deployment_id)
+        finally:
+            self._app_of.pop(dep.id, None)
+
+    async def _run_locked(self, dep: Deployment, deployment_id: str) -> None:
         lock = self._app_locks.setdefault(dep.app_id, asyncio.Lock())
         async with lock:
             started = time.monotonic()
@@ -148,10 +164,12 @@ class Deployer:
                     f"Deployment {dep.slug} is live at {self.settings.app_url(app.slug)} ({elapsed:.1f}s)",
                 )
                 await self._set(dep.id, S.SUCCESS, finished=True)
+                self._outcome(dep.app_id, S.SUCCESS.value, started)
                 async with self._build_slots:
                     await asyncio.to_thread(self._retain, app.id)
             except RuntimeFailure as exc:
                 await self._fail(dep.id, exc.code, exc.title, exc.message, exc.hint)
+                self._outcome(dep.app_id, _status_for(exc.code), started)
             except asyncio.CancelledError:
                 await asyncio.shield(
                     self._fail(
@@ -164,6 +182,7 @@ class Deployer:
                 )
                 raise
             except Exception as exc:
+                self._outcome(dep.app_id, S.FAILED.value, started)
                 log.exception("deployment %s failed", deployment_id)
                 self._log(dep.id, "".join(traceback.format_exception(exc)))
                 await self._fail(
@@ -173,6 +192,10 @@ class Deployer:
                     f"The platform failed: {exc}",
                     "This is a bug in fastapi-deploy; the log above has the details.",
                 )
+
+    def _outcome(self, app_id: str, status: str, started: float) -> None:
+        if self.instrumentation is not None:
+            self.instrumentation.metrics.deploy_finished(app_id, status, time.monotonic() - started)
 
     async def _build(self, app: App, dep: Deployment) -> None:
         src = self.paths.source(dep.id)
@@ -187,9 +210,23 @@ class Deployer:
         await self._set(dep.id, S.BUILDING_IMAGE)
         project = await asyncio.to_thread(detect_project, src, app.directory)
         self._log(dep.id, f"Entrypoint: {project.entrypoint} (dependencies from {project.dependencies.kind})")
+        if project.health_path is not None and project.health_path != app.health_path:
+            # The pushed pyproject.toml wins over the API's setting: it travels with the code.
+            app.health_path = project.health_path  # what _build_image and _bring_up read
+            await asyncio.to_thread(self._set_health_path, app.id, project.health_path)
+            self._log(dep.id, f"Health path: {project.health_path} (from pyproject.toml)")
 
         def log_line(line: str) -> None:
             self._log(dep.id, line)
+
+        await asyncio.to_thread(
+            insights.analyze_build,
+            project.root,
+            project.entrypoint,
+            self.paths.deployments / dep.id / insights.INSIGHTS_FILE,
+            fail_on_blocking=app.fail_on_blocking,
+            log=log_line,
+        )
 
         engine: ImageEngine | None = getattr(self.fleet.backend, "images", None)
         if engine is not None:
@@ -247,6 +284,7 @@ class Deployer:
                 log=log_line,
                 limits=limits,
                 registry=registry,
+                observability=settings.tracing,
             )
             # Recorded under the build slot, like environments: retention never sees it unreferenced.
             await asyncio.to_thread(self._record_image, dep.id, project, src, built)
@@ -287,6 +325,13 @@ class Deployer:
                 code=S.DEPLOYING_FAILED,
             )
         env_vars = await asyncio.to_thread(self._env_for, app.id)
+        if self.instrumentation is not None:  # the platform's variables win over the app's own
+            python = None if runs_images else str(env_dir / "bin" / "python")
+            env_vars.update(
+                await self.instrumentation.instance_env(
+                    app.id, app.slug, python, None if runs_images else env_dir
+                )
+            )
         cpus, memory_mb = await asyncio.to_thread(self._instance_size)
         spec = InstanceSpec(
             app_id=app.id,
@@ -323,6 +368,19 @@ class Deployer:
                 dep.id,
                 f"Ready: lifespan finished and {app.health_path} answered on {len(instances)} instance(s)",
             )
+        if self.instrumentation is not None:
+            where = (instances[0].host, instances[0].port) if instances else None
+            matcher = await self.instrumentation.learn_routes(
+                app.id, app.slug, spec.hostname, where, self.paths.deployments / artifact.id / "openapi.json"
+            )
+            if not restoring:
+                self._log(dep.id, f"Routes: {len(matcher.templates)} from the app's OpenAPI schema")
+        if not restoring:
+            try:
+                await self._check_contract(app, dep, artifact.id)
+            except RuntimeFailure:
+                await asyncio.gather(*(self.fleet.backend.stop(i) for i in instances), return_exceptions=True)
+                raise
         revision = Revision(
             app_id=app.id,
             deployment_id=dep.id,
@@ -334,6 +392,51 @@ class Deployer:
         await self.fleet.activate(revision)
         if not restoring:
             await asyncio.to_thread(self._set_current, app.id, dep.id)
+
+    async def _check_contract(self, app: App, dep: Deployment, artifact_id: str) -> None:
+        """The new revision's API against the serving one's (both OpenAPI documents kept with their
+        builds); refuses the switch on breaking changes when the push asked for it."""
+        serving = self.fleet.serving.get(app.id)
+        if serving is None:
+            return
+        old_artifact = await asyncio.to_thread(self._artifact_of, serving.deployment_id)
+        if old_artifact == artifact_id:
+            return
+        old = await asyncio.to_thread(
+            insights.read, self.paths.deployments / old_artifact / insights.OPENAPI_FILE
+        )
+        new = await asyncio.to_thread(
+            insights.read, self.paths.deployments / artifact_id / insights.OPENAPI_FILE
+        )
+
+        def log_line(line: str) -> None:
+            self._log(dep.id, line)
+
+        await asyncio.to_thread(
+            insights.compare_contract,
+            old,
+            new,
+            serving.deployment_id,
+            self.paths.deployments / dep.id / insights.CONTRACT_FILE,
+            fail_on_breaking=dep.fail_on_breaking,
+            log=log_line,
+        )
+
+    def _set_health_path(self, app_id: str, health_path: str) -> None:
+        with self.db.session() as s:
+            row = s.get(App, app_id)
+            if row is not None:
+                row.health_path = health_path
+                row.updated_at = utcnow()
+                s.add(row)
+                s.commit()
+
+    def _artifact_of(self, deployment_id: str) -> str:
+        with self.db.session() as s:
+            dep = s.get(Deployment, deployment_id)
+            if dep is None:
+                return deployment_id
+            return dep.source_deployment_id if dep.kind != "upload" and dep.source_deployment_id else dep.id
 
     def _adopted(self, spec: InstanceSpec) -> list[Instance]:
         """Instances of ``spec``'s revision the backend adopted after a restart (docker): they serve on."""
@@ -568,6 +671,21 @@ class Deployer:
 
     def _log(self, deployment_id: str, message: str) -> None:
         self.buildlogs.append(deployment_id, message)
+        app_id = self._app_of.get(deployment_id)
+        if app_id is not None and self.app_log is not None:
+            # The build's lines are the app's too (stream "build"): one place to search, and they
+            # outlive the deployment's own log.
+            self.app_log(
+                LogRecord(
+                    app_id=app_id,
+                    deployment_id=deployment_id,
+                    instance_id="",
+                    stream="build",
+                    timestamp=datetime.now(UTC),
+                    message=message,
+                    level=parse_level(message, "build"),
+                )
+            )
 
 
 Log = Callable[[str], None]

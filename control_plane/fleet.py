@@ -25,6 +25,7 @@ from typing import Any
 
 from control_plane.events import EventLog
 from control_plane.forecast import Forecaster
+from control_plane.metrics import Metrics
 from control_plane.models import utcnow
 from runtime.autoscaler import Decision, PolicyState, Sample, ScalingSettings, decide, plan
 from runtime.backends.base import Backend, Instance, InstanceSpec, InstanceState
@@ -83,6 +84,7 @@ class Fleet:
         drain_timeout: float,
         events: EventLog,
         forecaster: Forecaster,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backend = backend
@@ -91,6 +93,7 @@ class Fleet:
         self.drain_timeout = drain_timeout
         self.events = events
         self.forecaster = forecaster
+        self.metrics = metrics or Metrics()
         self.clock = clock
         self.serving: dict[str, Revision] = {}
         self._crashes: dict[str, _CrashHistory] = {}
@@ -149,6 +152,7 @@ class Fleet:
     async def remove(self, app_id: str) -> None:
         revision = self.serving.pop(app_id, None)
         self.forecaster.forget(app_id)
+        self.metrics.forget_app(app_id)
         if revision is None:
             return
         self.router.remove_app(revision.hostname)
@@ -191,6 +195,9 @@ class Fleet:
                 sum(in_flight.get(i.id, 0) for i in revision.serving) + queued.get(revision.app_id, 0)
             )
             self._sample(revision, Sample(at=now, concurrency=concurrency))
+            self.metrics.observe_fleet(
+                revision.app_id, concurrency, len(revision.serving), len(revision.warm)
+            )
             self.forecaster.observe(revision.app_id, concurrency, wall)
             revision.forecast = self.forecaster.forecast(revision.app_id, wall)
             self._scale(revision, now)
@@ -208,6 +215,8 @@ class Fleet:
         previous = revision.decision
         revision.policy = decision.state
         revision.decision = decision
+        if previous is not None and previous.serving != decision.serving:
+            self.metrics.scaled(revision.app_id, "up" if decision.serving > previous.serving else "down")
         if previous is None or (previous.serving, previous.warm, previous.panic) != (
             decision.serving,
             decision.warm,
@@ -234,6 +243,7 @@ class Fleet:
             instance.transition(InstanceState.SERVING)
             revision.serving.append(instance)
             revision.pool_hits += 1
+            self.metrics.pool_hit(revision.app_id)
             self.events.emit(
                 revision.app_id, "instance", f"Promoted warm instance {instance.id}", instance=instance.id
             )
@@ -348,6 +358,7 @@ class Fleet:
     # -- internals ------------------------------------------------------------------------------
 
     def _route(self, revision: Revision) -> None:
+        self.metrics.set_instances(revision.app_id, revision.deployment_id, (i.id for i in revision.serving))
         upstreams = [Upstream(id=i.id, host=i.host, port=i.port) for i in revision.serving]
         self.router.set_app(revision.hostname, revision.app_id, upstreams)
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -29,8 +30,12 @@ def format_ts(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat(timespec="microseconds")
 
 
+# What the launcher appends to the instance's access log lines: the request's id and trace.
+_CORRELATION = re.compile(r" request_id=(\S+) trace_id=(\S+)$")
+
+
 def record_to_entry(record: LogRecord) -> dict[str, Any]:
-    return {
+    entry = {
         "timestamp": format_ts(record.timestamp),
         "message": record.message,
         "level": record.level,
@@ -38,29 +43,54 @@ def record_to_entry(record: LogRecord) -> dict[str, Any]:
         "instance_id": record.instance_id,
         "deployment_id": record.deployment_id,
     }
+    if "request_id=" in record.message:
+        match = _CORRELATION.search(record.message)
+        if match is not None:
+            if match.group(1) != "-":
+                entry["request_id"] = match.group(1)
+            if match.group(2) != "-":
+                entry["trace_id"] = match.group(2)
+    return entry
 
 
 class LogFilter:
-    """``since`` (aware datetime), minimum ``level`` and a ``grep`` substring (case-insensitive)."""
+    """``since``/``until`` (aware datetimes), minimum ``level``, a ``grep`` substring (case-insensitive),
+    and exact matches on the entry's fields (``request_id``, ``trace_id``, ``instance_id``, ...)."""
 
-    def __init__(self, since: datetime | None = None, level: str | None = None, grep: str | None = None):
+    def __init__(
+        self,
+        since: datetime | None = None,
+        level: str | None = None,
+        grep: str | None = None,
+        *,
+        until: datetime | None = None,
+        fields: dict[str, str] | None = None,
+    ):
         self.since = format_ts(since) if since else None
+        self.until = format_ts(until) if until else None
         self.min_rank = LEVEL_RANK.get(level.lower(), 0) if level else 0
         self.grep = grep.lower() if grep else None
+        self.fields = {k: v for k, v in (fields or {}).items() if v}
 
     def __call__(self, entry: dict[str, Any]) -> bool:
         if self.since is not None and str(entry.get("timestamp", "")) < self.since:
             return False
+        if self.until is not None and str(entry.get("timestamp", "")) >= self.until:
+            return False
         if self.min_rank and LEVEL_RANK.get(str(entry.get("level")), 1) < self.min_rank:
             return False
+        for name, value in self.fields.items():
+            if entry.get(name) != value:
+                return False
         return not (self.grep and self.grep not in str(entry.get("message", "")).lower())
 
 
 class LogStore:
-    def __init__(self, root: Path, retention_bytes: int) -> None:
+    def __init__(self, root: Path, retention_bytes: int, retention_seconds: float | None = None) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.retention_bytes = retention_bytes
+        self.retention_seconds = retention_seconds
         self.segment_bytes = max(64 * 1024, retention_bytes // 4)
         self._files: dict[str, IO[str]] = {}
         self._followers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
@@ -97,6 +127,29 @@ class LogStore:
             total += seg.stat().st_size
             if total > self.retention_bytes:
                 seg.unlink(missing_ok=True)
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop whole segments whose newest line (the file's mtime) is older than ``retention_seconds``.
+        Returns how many went. Called now and then by the platform (and cheap: a stat per segment)."""
+        if not self.retention_seconds:
+            return 0
+        cutoff = (time.time() if now is None else now) - self.retention_seconds
+        dropped = 0
+        for directory in [d for d in self.root.iterdir() if d.is_dir()]:
+            for seg in [*directory.glob("[0-9]*.ndjson"), directory / "current.ndjson"]:
+                try:
+                    old = seg.stat().st_mtime < cutoff
+                except FileNotFoundError:
+                    continue
+                if not old:
+                    continue
+                if seg.name == "current.ndjson":
+                    fh = self._files.pop(directory.name, None)
+                    if fh is not None:
+                        fh.close()
+                seg.unlink(missing_ok=True)
+                dropped += 1
+        return dropped
 
     def delete_app(self, app_id: str) -> None:
         fh = self._files.pop(app_id, None)

@@ -135,6 +135,8 @@ class App(SQLModel, table=True):
     target_concurrency: float = 10.0
     prewarm: int = 0
     scale_to_zero_after: float = 300.0
+    fail_on_blocking: bool = False
+    """Refuse a build whose async code calls blocking APIs (``control_plane/insights.py``)."""
 
 
 class Deployment(SQLModel, table=True):
@@ -159,6 +161,9 @@ class Deployment(SQLModel, table=True):
     workdir: str | None = None
     environment_key: str | None = None
     artifact_pruned: bool = False
+    fail_on_breaking: bool = False
+    """Refuse to switch traffic to this revision if its API breaks the serving one's (``push
+    --fail-on-breaking``)."""
 
 
 class BuildLogLine(SQLModel, table=True):
@@ -203,3 +208,72 @@ class TrafficSlot(SQLModel, table=True):
     peak: float = 0.0
     weeks: int = 0
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class MetricPoint(SQLModel, table=True):
+    """One app (``route == ""``) or one of its routes over one window: the rollups behind the metrics
+    API (``control_plane/rollups.py``). ``resolution`` is the window in seconds (10 or 60)."""
+
+    app_id: str = Field(primary_key=True)
+    resolution: int = Field(primary_key=True)
+    ts: int = Field(primary_key=True, sa_type=BigInteger)
+    """The window's start, epoch seconds."""
+    route: str = Field(primary_key=True, default="")
+    """``"GET /items/{item_id}"``; empty for the whole app."""
+    requests: int = 0
+    errors: int = 0
+    """5xx answers and responses cut off."""
+    client_errors: int = 0
+    duration_sum: float = 0.0
+    hist: str = ""
+    """The latency histogram over ``control_plane.metrics.BOUNDS``, sparse: ``index:count,...``."""
+    bytes_in: int = Field(default=0, sa_type=BigInteger)
+    bytes_out: int = Field(default=0, sa_type=BigInteger)
+    queued: int = 0
+    queue_wait_sum: float = 0.0
+    cold_starts: int = 0
+    concurrency_max: float = 0.0
+    concurrency_avg: float = 0.0
+    serving: int = 0
+    warm: int = 0
+
+
+class Span(SQLModel, table=True):
+    """One kept span (OTLP from the instances, or the router's edge span), attributed to an app."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    trace_id: str = Field(index=True)
+    span_id: str
+    parent_span_id: str = ""
+    app_id: str = Field(index=True)
+    deployment_id: str = ""
+    instance_id: str = ""
+    service: str = ""
+    name: str
+    kind: int = 0
+    """OTLP SpanKind: 1 internal, 2 server, 3 client, 4 producer, 5 consumer."""
+    start_ns: int = Field(sa_type=BigInteger, index=True)
+    end_ns: int = Field(sa_type=BigInteger)
+    status_code: int = 0
+    """OTLP: 0 unset, 1 ok, 2 error."""
+    status_message: str = ""
+    attributes: str = "{}"
+    """JSON object."""
+    events: str = "[]"
+    """JSON list of ``{"name", "time_ns", "attributes"}``."""
+
+
+class TraceSummary(SQLModel, table=True):
+    """A trace as one app saw it (its entry span: the router's edge span, else its server span): what
+    the trace list shows and filters on."""
+
+    trace_id: str = Field(primary_key=True)
+    app_id: str = Field(primary_key=True)
+    started_at: datetime = Field(index=True)
+    duration_ms: float = 0.0
+    name: str = ""
+    route: str = ""
+    method: str = ""
+    http_status: int = 0
+    error: bool = False
+    span_count: int = 0

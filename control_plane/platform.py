@@ -1,14 +1,21 @@
 """The platform: every long-lived part of the control plane, built from Settings, started and stopped
 in order. The FastAPI app holds one in ``app.state.platform``; API handlers reach the parts through it.
 
-    start:  database (migrations) → bootstrap admin → log store → router → backend recovery
-            → restore serving apps → ready
-    stop:   stop accepting deploys → router stops (drains) → instances stop → database closes
+    start:  database (migrations) → bootstrap admin → log store, events, rollups, traces → router
+            → backend recovery → restore serving apps → autoscaler → ready
+    stop:   stop accepting deploys → router stops (drains) → instances stop → rollups and spans
+            written → database closes
+
+Every request the router finishes feeds the live metrics (``metrics.py``) and the trace pipeline
+(``traces.py``: the edge span); instances send their spans to ``POST /v1/traces``, authenticated with
+their app's telemetry token (an HMAC of the app id under the platform's telemetry key).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import secrets as pysecrets
 from dataclasses import dataclass
@@ -22,13 +29,19 @@ from control_plane.deployer import Deployer, Paths
 from control_plane.events import EventLog
 from control_plane.fleet import Fleet
 from control_plane.forecast import Forecaster
+from control_plane.instrumentation import Instrumentation
 from control_plane.logstore import LogStore
+from control_plane.metrics import Metrics
 from control_plane.models import ApiToken, Membership, Setting, Team, User
+from control_plane.otlp import Forwarder, SpanData
+from control_plane.receiver import SideListener
+from control_plane.rollups import Rollups
 from control_plane.secrets import SecretBox
 from control_plane.security import hash_token, new_token
+from control_plane.traces import Traces
 from runtime.backends.base import Backend
 from runtime.backends.process import ProcessBackend
-from runtime.router import Router
+from runtime.router import RequestInfo, Router
 
 log = logging.getLogger("fastapi_deploy")
 
@@ -49,7 +62,9 @@ class Platform:
             d.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.sqlalchemy_url)
         self.secrets = SecretBox.from_config(settings.data_dir, settings.extra.get("secret_keys", ""))
-        self.logstore = LogStore(self.paths.logs, settings.log_retention_bytes)
+        self.logstore = LogStore(
+            self.paths.logs, settings.log_retention_bytes, settings.log_retention_days * 86400.0
+        )
         self.buildlogs = BuildLogs(self.db)
         self.router = Router()
         self.backend: Backend
@@ -71,6 +86,29 @@ class Platform:
             raise ValueError(f"unknown backend {settings.backend!r} (available: process, docker)")
         self.events = EventLog(self.db)
         self.forecaster = Forecaster(self.db)
+        self.metrics = Metrics()
+        self.rollups = Rollups(
+            self.db,
+            self.metrics,
+            fine_retention=settings.metrics_fine_retention,
+            coarse_retention=settings.metrics_coarse_retention,
+        )
+        forwarder = None
+        if settings.otlp_forward_url:
+            headers = dict(
+                pair.split("=", 1) for pair in settings.otlp_forward_headers.split(",") if "=" in pair
+            )
+            forwarder = Forwarder(
+                settings.otlp_forward_url, {k.strip(): v.strip() for k, v in headers.items()}
+            )
+        self.traces = Traces(
+            self.db,
+            sample_ratio=settings.trace_sample,
+            slow_ms=settings.trace_slow_ms,
+            retention_seconds=settings.trace_retention,
+            forwarder=forwarder,
+        )
+        self.router.on_request_done = self._request_done
         self.fleet = Fleet(
             self.backend,
             self.router,
@@ -78,36 +116,161 @@ class Platform:
             drain_timeout=settings.drain_timeout,
             events=self.events,
             forecaster=self.forecaster,
+            metrics=self.metrics,
         )
         self.backend.on_exit = self.fleet.on_exit
-        self.deployer = Deployer(settings, self.db, self.fleet, self.buildlogs, self.secrets)
+        self._telemetry_key = b""
+        self.instrumentation = Instrumentation(
+            settings, self.metrics, self.telemetry_token, layers_dir=self.paths.root / "otel"
+        )
+        self.deployer = Deployer(
+            settings,
+            self.db,
+            self.fleet,
+            self.buildlogs,
+            self.secrets,
+            instrumentation=self.instrumentation,
+            app_log=self.logstore.append,
+        )
         self.bootstrap: Bootstrap | None = None
         self.ready = asyncio.Event()
         self._autoscaler: asyncio.Task[None] | None = None
+        self._maintenance: asyncio.Task[None] | None = None
+        self._side_receiver: SideListener | None = None
 
     async def start(self) -> None:
         await asyncio.to_thread(self.db.migrate)
         self.bootstrap = await asyncio.to_thread(self._bootstrap)
+        self._telemetry_key = await asyncio.to_thread(self._load_telemetry_key)
         self.buildlogs.bind(asyncio.get_running_loop())
         await asyncio.to_thread(self.forecaster.load)
         self.events.start()
+        self.rollups.start()
+        self.traces.start()
+        if self.traces.forwarder is not None:
+            self.traces.forwarder.start()
+        self.instrumentation.warm_up()
         await self.router.start(self.settings.router_host, self.settings.router_port)
+        await self._start_image_receiver()
         await self.backend.recover()
         await self.deployer.restore()
         self._autoscaler = asyncio.get_running_loop().create_task(self.fleet.run(), name="autoscaler")
+        self._maintenance = asyncio.get_running_loop().create_task(self._maintain(), name="maintenance")
         self.ready.set()
 
     async def stop(self) -> None:
         self.ready.clear()
-        if self._autoscaler is not None:
-            self._autoscaler.cancel()
-            await asyncio.gather(self._autoscaler, return_exceptions=True)
+        for task in (self._autoscaler, self._maintenance):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.deployer.close()
         await self.router.stop(timeout=5.0)
         await self.fleet.close()
         await self.events.stop()
+        await self.rollups.stop()
+        if self._side_receiver is not None:
+            await self._side_receiver.stop()
+        await self.traces.stop()
+        if self.traces.forwarder is not None:
+            await self.traces.forwarder.stop()
         self.logstore.close()
         self.db.dispose()
+
+    async def _maintain(self) -> None:
+        """Now and then: log segments past their age (on the loop: the store's files are the loop's)."""
+        while True:
+            try:
+                dropped = self.logstore.expire()
+                if dropped:
+                    log.info(
+                        "dropped %d log segments older than %g days",
+                        dropped,
+                        self.settings.log_retention_days,
+                    )
+            except Exception:
+                log.exception("log retention failed")
+            await asyncio.sleep(600)
+
+    # -- telemetry ----------------------------------------------------------------------------------
+
+    async def _start_image_receiver(self) -> None:
+        """Containers reach the host at their network's gateway, not on loopback: the OTLP receiver also
+        listens there (on the API's port) when the API itself does not listen on every interface."""
+        gateway = getattr(self.backend, "gateway", None)
+        if gateway is None or not self.settings.tracing:
+            return
+        try:
+            host = await asyncio.to_thread(gateway)
+        except Exception as exc:
+            log.warning("no tracing for containers: their network's gateway is unknown (%s)", exc)
+            return
+        if not host:
+            return
+        port = self.settings.port
+        if self.settings.host not in ("0.0.0.0", "::", ""):
+            listener = SideListener(self, host, port)
+            try:
+                await listener.start()
+            except OSError as exc:
+                log.warning("no tracing for containers: cannot listen on %s:%d (%s)", host, port, exc)
+                return
+            self._side_receiver = listener
+        self.instrumentation.image_receiver = f"http://{host}:{port}/v1/traces"
+
+    def loop_blocked(self, app_id: str, span: SpanData) -> None:
+        """An instance's event loop was blocked (a span from ``runtime/instrument.py``): an app event,
+        with where and how long, linked to the trace of the request it stalled."""
+        attrs = span.attributes
+        where = attrs.get("fastapi_deploy.block.user_frame") or "code outside the app (a library)"
+        duration = float(attrs.get("fastapi_deploy.block.duration_ms", span.duration_ms))
+        stack = str(attrs.get("code.stacktrace", "")).splitlines()
+        self.events.emit(
+            app_id,
+            "insight",
+            f"Event loop blocked for {duration:.0f} ms at {where}",
+            level="warning",
+            duration_ms=round(duration, 1),
+            user_frame=attrs.get("fastapi_deploy.block.user_frame"),
+            trace_id=span.trace_id,
+            instance=span.resource.get("fastapi_deploy.instance_id"),
+            stack=stack[-15:],
+        )
+
+    def _request_done(self, app_id: str, info: RequestInfo, now: float) -> None:
+        """The router's hook, once per request: the live metrics, then the edge span."""
+        route = self.metrics.request_done(app_id, info, now)
+        self.traces.edge(app_id, info, now, route)
+
+    def telemetry_token(self, app_id: str) -> str:
+        """What an instance of ``app_id`` authenticates its spans with (``POST /v1/traces``)."""
+        digest = hmac.new(self._telemetry_key, app_id.encode(), hashlib.sha256).hexdigest()[:40]
+        return f"{app_id}.{digest}"
+
+    def telemetry_app(self, token: str) -> str | None:
+        """The app a telemetry token belongs to, or None."""
+        app_id, _, _digest = token.partition(".")
+        if not app_id or not self._telemetry_key:
+            return None
+        return app_id if hmac.compare_digest(token, self.telemetry_token(app_id)) else None
+
+    def _load_telemetry_key(self) -> bytes:
+        from sqlalchemy.exc import IntegrityError
+
+        for _ in range(2):  # two control planes starting at once: one insert wins, both read it
+            with self.db.session() as s:
+                row = s.get(Setting, "telemetry_key")
+                if row is not None:
+                    return bytes.fromhex(row.value)
+                s.add(Setting(key="telemetry_key", value=pysecrets.token_hex(32)))
+                try:
+                    s.commit()
+                except IntegrityError:
+                    continue
+        with self.db.session() as s:
+            row = s.get(Setting, "telemetry_key")
+            assert row is not None
+            return bytes.fromhex(row.value)
 
     def _bootstrap(self) -> Bootstrap:
         """On the first start: the admin user (a password too when configured), their team, their API token.

@@ -1,14 +1,125 @@
-"""Database rows → the API's JSON shapes (FastAPI Cloud's, plus our extension fields)."""
+"""Database rows → the API's JSON shapes (FastAPI Cloud's, plus our extension fields).
+
+The functions build plain dicts; the models below are those shapes as the API declares them
+(``response_model=``): FastAPI checks every answer against them, and the OpenAPI schema (what the
+official CLI's pydantic models and Schemathesis hold us to) says exactly what comes back. The shapes
+allow fields they do not list (``extra="allow"``), as FastAPI Cloud's clients ignore them: a field added
+to a dict here is passed on, not silently dropped.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
 
 from control_plane.config import Settings
 from control_plane.models import App, Deployment, Team
 from control_plane.security import aware
-from runtime.backends.base import Instance
+from control_plane.statuses import DeploymentStatus
+from runtime.backends.base import Instance, InstanceState
+
+AppStatus = Literal["new", "deploying", "serving", "degraded", "failed"]
+DeploymentKind = Literal["upload", "rollback", "redeploy"]
+
+
+class Shape(BaseModel):
+    """An answer's shape: the fields listed are required and typed; others pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class InstanceOut(Shape):
+    id: str
+    state: InstanceState
+    deployment_id: str
+    host: str
+    port: int
+    pid: int
+    started_at: str
+    exit_code: int | None
+    """Once it exited: its status, or minus the signal that killed it."""
+    oom: bool
+    """Killed at its memory limit."""
+    in_flight: int
+    """Requests the router has in flight to it right now."""
+
+
+class LatestDeployment(Shape):
+    id: str
+    status: DeploymentStatus
+    created_at: str
+
+
+class AppOut(Shape):
+    """FastAPI Cloud's App (``id``, ``slug``, ``directory``, ``team_id``, ``name``, ``url``, ``region``,
+    ``updated_at``, ``github_repository``) plus ours."""
+
+    id: str
+    slug: str
+    name: str
+    team_id: str
+    directory: str | None
+    url: str
+    region: str | None
+    created_at: str
+    updated_at: str
+    github_repository: str | None
+    status: AppStatus
+    current_deployment_id: str | None
+    latest_deployment: LatestDeployment | None
+    health_path: str
+    min_instances: int
+    instances: list[InstanceOut]
+
+
+class AppList(BaseModel):
+    data: list[AppOut]
+    count: int
+    """All the apps that match, whatever ``limit`` and ``skip``."""
+
+
+class Failure(BaseModel):
+    """Why a deployment failed: all four strings, as the official CLI requires (``error_hint`` may be
+    empty)."""
+
+    error_code: str
+    error_title: str
+    error_message: str
+    error_hint: str
+
+
+class DeploymentOut(Shape):
+    """FastAPI Cloud's Deployment, and its CreateDeployment (``id``, ``app_id``, ``slug``, ``status``,
+    ``url``, ``dashboard_url``: never null), plus ours."""
+
+    id: str
+    app_id: str
+    slug: str
+    status: DeploymentStatus
+    created_at: str
+    updated_at: str
+    finished_at: str | None
+    duration_seconds: float | None
+    """From creation to the end (seconds); null until it ended."""
+    url: str
+    dashboard_url: str
+    failure: Failure | None
+    kind: DeploymentKind
+    source_deployment_id: str | None
+    """The deployment whose build a rollback or redeploy runs."""
+    entrypoint: str | None
+    environment_key: str | None
+    is_current: bool
+    """It is what the app serves now."""
+    artifact_pruned: bool
+    """Its build was removed by retention (``keep_deployments``): it cannot be rolled back to."""
+
+
+class DeploymentList(BaseModel):
+    data: list[DeploymentOut]
+    count: int
 
 
 def ts(value: datetime | None) -> str | None:
@@ -48,6 +159,7 @@ def deployment_out(dep: Deployment, app: App, settings: Settings) -> dict[str, A
         "entrypoint": dep.entrypoint,
         "environment_key": dep.environment_key,
         "is_current": app.current_deployment_id == dep.id,
+        "artifact_pruned": dep.artifact_pruned,
     }
 
 

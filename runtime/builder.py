@@ -13,6 +13,13 @@ reuses the first one's result.
 uv runs with ``--no-config``, so a project's ``[tool.uv]`` or ``uv.toml`` cannot point installs
 elsewhere on this machine; the operator configures indexes and the cache through ``UV_*`` variables
 (``UV_CACHE_DIR``, ``UV_INDEX_URL``, ...), which are passed through.
+
+Every step runs with an allow-listed environment (:data:`BUILD_ENV_ALLOWED`: the locale, ``PATH``,
+``TMPDIR``, proxies, CA bundles, ``UV_*`` and ``PIP_*`` index settings, compiler flags) and a ``HOME``
+of its own that is removed afterwards: a package's build script (``setup.py``, a build backend) runs
+with the build, and must not see the control plane's admin token, database URL, secret keys or
+registry password, nor write into the server user's home. uv's cache stays where it was (it is passed
+as ``UV_CACHE_DIR``), so a private ``HOME`` costs no downloads.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +47,9 @@ from runtime.errors import BuildError, BuildTimeout
 
 __all__ = [
     "BUILDER_VERSION",
+    "BUILD_ENV_ALLOWED",
     "BuiltEnvironment",
+    "build_env",
     "build_environment",
     "environment_key",
     "prune_environments",
@@ -66,6 +75,17 @@ _INSTALL_HINTS = {
     "pyproject.toml": "Check [project].dependencies in pyproject.toml, then deploy again.",
 }
 _OPERATOR_HINT = "Check the server's access to the package index; ask the platform operator."
+
+BUILD_ENV_ALLOWED = re.compile(
+    r"^(PATH|LANG|LANGUAGE|LC_[A-Z]+|TZ|TMPDIR|SOURCE_DATE_EPOCH"
+    r"|SSL_CERT_FILE|SSL_CERT_DIR|REQUESTS_CA_BUNDLE|CURL_CA_BUNDLE"
+    r"|(HTTP|HTTPS|NO|ALL)_PROXY|(http|https|no|all)_proxy"
+    r"|UV_[A-Z0-9_]+|PIP_[A-Z0-9_]+"
+    r"|CC|CXX|CFLAGS|CXXFLAGS|CPPFLAGS|LDFLAGS|PKG_CONFIG_PATH)$"
+)
+"""The variables of the server's environment a build step may see (everything else is dropped): the
+locale, ``PATH``, temporary files, proxies and CA bundles, uv's and pip's index and cache settings, and
+the C toolchain's flags (sdists with extensions). ``HOME`` is not passed: each build gets its own."""
 
 _INTERPRETER_QUERY = """\
 import json, platform, sys, sysconfig
@@ -213,9 +233,18 @@ class _Build:
         self.deadline = deadline
         self.timeout = timeout
         self.python = staging / "bin" / "python"
-        self.env = _subprocess_env()
+        self.env: dict[str, str] = {}
 
     def run(self) -> None:
+        # A HOME of the build's own: build scripts may write there (caches, config), never into ours.
+        home = Path(tempfile.mkdtemp(prefix="fastapi-deploy-build-home-"))
+        try:
+            self.env = build_env(home)
+            self._run()
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+
+    def _run(self) -> None:
         venv = ["venv", "--relocatable", "--no-project", "--no-config", "--quiet"]
         self._uv(
             [*venv, "--python", self.interpreter.executable, str(self.staging)],
@@ -389,7 +418,7 @@ def _interpreter(python: str, uv: str) -> _Interpreter:
             [uv, "python", "find", "--no-config", python],
             capture_output=True,
             text=True,
-            env=_subprocess_env(),
+            env=build_env(None),
             timeout=60,
             check=False,
         )
@@ -448,12 +477,30 @@ def find_uv(uv: str | None) -> str:
     return found
 
 
-def _subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # The server's own virtualenv must not leak into what uv builds.
-    env.pop("VIRTUAL_ENV", None)
-    env.pop("PYTHONPATH", None)
-    env.setdefault("NO_COLOR", "1")
+def build_env(home: Path | None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a build step: the variables of ``environ`` (default: the server's) that
+    :data:`BUILD_ENV_ALLOWED` lets through, ``HOME`` set to ``home``, uv's cache pinned.
+
+    ``home`` None keeps the server's ``HOME`` (and ``XDG_DATA_HOME``): only for uv's own steps that run
+    no package code, such as ``uv python find``, which looks for uv-managed interpreters there. Nothing
+    else passes: not the control plane's settings and secrets (``FASTAPI_DEPLOY_*``, ``DATABASE_URL``),
+    not its virtualenv (``VIRTUAL_ENV``, ``PYTHONPATH``).
+    """
+    source = os.environ if environ is None else environ
+    env = {k: v for k, v in source.items() if BUILD_ENV_ALLOWED.match(k)}
+    env.setdefault("PATH", os.defpath)
+    server_home = source.get("HOME") or str(Path.home())
+    if "UV_CACHE_DIR" not in env:
+        # Where uv would put it for the server's user; with a private HOME it would start empty.
+        cache_root = source.get("XDG_CACHE_HOME") or os.path.join(server_home, ".cache")
+        env["UV_CACHE_DIR"] = os.path.join(cache_root, "uv")
+    if home is None:
+        env["HOME"] = server_home
+        if "XDG_DATA_HOME" in source:
+            env["XDG_DATA_HOME"] = source["XDG_DATA_HOME"]
+    else:
+        env["HOME"] = str(home)
+    env["NO_COLOR"] = "1"
     env["UV_NO_PROGRESS"] = "1"
     return env
 

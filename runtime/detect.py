@@ -29,7 +29,16 @@ from typing import Any, Literal
 
 from runtime.errors import BuildError
 
-__all__ = ["CANDIDATE_FILES", "DependencyKind", "DependencySpec", "Project", "detect_project"]
+__all__ = [
+    "CANDIDATE_FILES",
+    "HEALTH_PATH_PATTERN",
+    "MAX_HEALTH_PATH",
+    "DependencyKind",
+    "DependencySpec",
+    "Project",
+    "check_health_path",
+    "detect_project",
+]
 
 DependencyKind = Literal["uv.lock", "pylock.toml", "requirements.txt", "pyproject.toml", "default"]
 
@@ -75,6 +84,9 @@ class Project:
     dependencies: DependencySpec
     python_version: str | None
     """From .python-version or ``requires-python`` when present; informational."""
+    health_path: str | None = None
+    """``[tool.fastapi-deploy] health_path`` of pyproject.toml: the path verification and health checks
+    ask (with the app's Host); None when the project does not say (the app's setting applies)."""
 
 
 def detect_project(source: Path, directory: str | None = None) -> Project:
@@ -82,7 +94,8 @@ def detect_project(source: Path, directory: str | None = None) -> Project:
 
     Raises:
         BuildError: the directory is invalid or missing, pyproject.toml is not valid TOML, the
-            configured entrypoint is malformed or its module is missing, or no app was found.
+            configured entrypoint is malformed or its module is missing, no app was found, or
+            ``[tool.fastapi-deploy] health_path`` is not a valid path.
     """
     source = source.resolve()
     root = _app_root(source, directory)
@@ -99,7 +112,52 @@ def detect_project(source: Path, directory: str | None = None) -> Project:
         import_dir=import_dir,
         dependencies=dependencies,
         python_version=_python_version(source, root, spec_dir),
+        health_path=_configured_health_path(pyproject),
     )
+
+
+MAX_HEALTH_PATH = 200
+HEALTH_PATH_PATTERN = r"^/[\x21-\x7e]*$"
+"""A health path: ``/`` then printable ASCII, no spaces (at most ``MAX_HEALTH_PATH`` characters)."""
+_HEALTH_PATH = re.compile(HEALTH_PATH_PATTERN)
+
+
+def check_health_path(value: str) -> str:
+    """``value`` if it can be a health path: starts with ``/``, at most ``MAX_HEALTH_PATH`` characters,
+    printable ASCII with no spaces (it goes into an HTTP request line as it is, query string allowed).
+
+    Raises ValueError saying what is wrong.
+    """
+    if not value.startswith("/"):
+        raise ValueError("the health path must start with '/'")
+    if len(value) > MAX_HEALTH_PATH:
+        raise ValueError(f"the health path must be at most {MAX_HEALTH_PATH} characters")
+    if not _HEALTH_PATH.fullmatch(value):  # not match: "$" also matches before a final newline
+        raise ValueError("the health path must be printable ASCII without spaces (percent-encode the rest)")
+    return value
+
+
+def _configured_health_path(pyproject: dict[str, Any]) -> str | None:
+    configured = _lookup(pyproject, "tool", "fastapi-deploy", "health_path")
+    if configured is None:
+        return None
+    hint = (
+        'Set health_path = "/healthz" (a path of the app that answers below 500) under [tool.fastapi-deploy].'
+    )
+    if not isinstance(configured, str):
+        raise BuildError(
+            f"[tool.fastapi-deploy] health_path {configured!r} is not a string.",
+            hint=hint,
+            title="Invalid health path",
+        )
+    try:
+        return check_health_path(configured)
+    except ValueError as exc:
+        raise BuildError(
+            f"[tool.fastapi-deploy] health_path {configured!r} is not valid: {exc}.",
+            hint=hint,
+            title="Invalid health path",
+        ) from exc
 
 
 def _app_root(source: Path, directory: str | None) -> Path:

@@ -2,7 +2,10 @@
 
     base image (python:3.12-slim)      its layers, untouched
     ├── dependency layer               {site-packages}/...   keyed by (lock, Python X.Y, platform): reused
-    ├── runtime layer                  /opt/fastapi-deploy/{launcher,entry}.py, the ``app`` user (10001)
+    ├── observability layer            /opt/fastapi-deploy/otel/  OpenTelemetry for tracing (optional;
+    │                                  keyed by Python X.Y, platform, the app's own OpenTelemetry version)
+    ├── runtime layer                  /opt/fastapi-deploy/{launcher,entry,instrument,looplag}.py,
+    │                                  the ``app`` user (10001)
     └── app layer                      /app/...              the uploaded source: the only layer a
                                                              code-only change rebuilds
 
@@ -42,6 +45,7 @@ import os
 import re
 import resource
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,10 +60,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from runtime import instrument as _instrument_module
 from runtime import launcher as _launcher_module
-from runtime.builder import find_uv
+from runtime import looplag as _looplag_module
+from runtime.builder import build_env, find_uv
 from runtime.detect import Project
 from runtime.errors import BuildError, BuildTimeout
+from runtime.otel_layer import SDK, app_otel_version, ensure_layer
 from runtime.registry import Registry
 
 __all__ = [
@@ -95,10 +102,6 @@ Log = Callable[[str], None]
 _EPOCH = 0  # every file's mtime in our layers: equal inputs, equal bytes
 _TAIL = 25
 _MANYLINUX_MAX = 40  # the newest manylinux_2_X uv (0.13) accepts; wheels need no newer
-_ENV_ALLOWED = re.compile(
-    r"^(PATH|HOME|LANG|LC_[A-Z]+|TMPDIR|XDG_CACHE_HOME|SSL_CERT_FILE|SSL_CERT_DIR|REQUESTS_CA_BUNDLE"
-    r"|(HTTP|HTTPS|NO|ALL)_PROXY|(http|https|no|all)_proxy|UV_[A-Z0-9_]+)$"
-)
 _EXPORT = ("export", "--frozen", "--no-hashes", "--no-emit-project", "--no-dev", "--no-editable", "--quiet")
 
 _PROBE = """\
@@ -288,6 +291,7 @@ def build_image(
     registry: Registry | None = None,
     repository: str = "fastapi-deploy-apps",
     uv: str | None = None,
+    observability: bool = True,
 ) -> BuiltImage:
     """Build (and, with ``registry``, push) the image of ``project``, extracted at ``source``.
 
@@ -304,15 +308,20 @@ def build_image(
     base = probe_base(engine, base_image, cache_dir, limits, log)
     log(f"Base image {base_image} ({base.id[7:19]}): Python {base.version} on {base.platform}")
     key = dependency_key(project, base)
-    deps_tar, deps_id, built = _dependency_layer(
+    deps_tar, deps_id, built, otel_version = _dependency_layer(
         project, base, key, engine, cache_dir, limits, deadline, uv, log
     )
+    otel: tuple[Path, str, str] | None = None
+    if observability:
+        otel = _observability_layer(base, otel_version, engine, cache_dir, limits, deadline, uv, log)
     runtime_tar = _runtime_layer(base)
     runtime_id = _sha256_bytes(runtime_tar)
-    # base + dependencies + runtime, tagged: it keeps those layers in the engine, and when the tag is
-    # there the archive carries the app layer alone (docker load's cost is the layers it registers).
-    prefix_tag = f"{DEPS_REPOSITORY}:{key[:32]}-{runtime_id[7:23]}-{base.id[7:19]}"
-    prefix = (*base.layers, deps_id, runtime_id)
+    # base + dependencies (+ observability) + runtime, tagged: it keeps those layers in the engine, and
+    # when the tag is there the archive carries the app layer alone (docker load's cost is the layers it
+    # registers).
+    otel_part = otel[1][7:19] if otel else "none"
+    prefix_tag = f"{DEPS_REPOSITORY}:{key[:32]}-{runtime_id[7:23]}-{otel_part}-{base.id[7:19]}"
+    prefix = (*base.layers, deps_id, *((otel[1],) if otel else ()), runtime_id)
     have_prefix = _layers_of(engine, prefix_tag) == prefix
 
     import_dir = project.import_dir.resolve().relative_to(source.resolve()).as_posix()
@@ -348,7 +357,7 @@ def build_image(
             "--port",
             str(CONTAINER_PORT),
         ]
-        config = _image_config(base, layers, labels, argv, work, meta, base_image)
+        config = _image_config(base, layers, labels, argv, work, meta, base_image, otel[2] if otel else None)
         config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
         image_id = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
         tag = f"{repository}/{meta.app_id.lower()}:{meta.deployment_id.lower()}"
@@ -358,6 +367,8 @@ def build_image(
         if not have_prefix:
             images.append((prefix_tag, _prefix_config(base, prefix, key), prefix))
             files[_layer_path(deps_id)] = deps_tar
+            if otel is not None:
+                files[_layer_path(otel[1])] = otel[0]
             files[_layer_path(runtime_id)] = runtime_tar
         images.append((tag, config_bytes, layers))
         files[_layer_path(app_id)] = app_tar
@@ -508,15 +519,18 @@ def _dependency_layer(
     deadline: float,
     uv: str | None,
     log: Log,
-) -> tuple[Path, str, bool]:
-    """The dependency tarball of ``key`` (built unless cached): path, diff id, whether it was built."""
+) -> tuple[Path, str, bool, str | None]:
+    """The dependency tarball of ``key`` (built unless cached): path, diff id, whether it was built, and
+    the OpenTelemetry API version in it (None: the app has none)."""
     layers = cache_dir / "layers"
     layers.mkdir(parents=True, exist_ok=True)
     tar, meta = layers / f"{key}.tar", layers / f"{key}.json"
     with _locked(layers, key, wait=True, deadline=deadline, limits=limits) as _:
         if tar.is_file() and meta.is_file():
             log(f"Dependencies unchanged (key {key[:12]}…), reusing their layer")
-            return tar, str(json.loads(meta.read_text())["diff_id"]), False
+            recorded = json.loads(meta.read_text())
+            otel = recorded.get("otel") if "otel" in recorded else _otel_in_tar(tar)
+            return tar, str(recorded["diff_id"]), False, otel
         log(
             f"New dependencies (key {key[:12]}…): installing from {project.dependencies.kind} "
             f"for Python {base.minor} on {base.platform}"
@@ -526,13 +540,81 @@ def _dependency_layer(
             target.mkdir()
             _install(project, base, target, Path(tmp), limits, deadline, uv, log)
             _fix_scripts(target, base.python)
+            otel = app_otel_version([target])
             _compile(engine, base, target, limits, deadline, log)
             staged = Path(tmp) / "layer.tar"
             _tar_directory(target, staged, base.site_dir.lstrip("/"), limits, deadline)
             diff_id = _sha256_file(staged)
             os.replace(staged, tar)
-            _atomic_write(meta, json.dumps({"diff_id": diff_id, "built_at": time.time()}).encode())
-        return tar, diff_id, True
+            record = {"diff_id": diff_id, "built_at": time.time(), "otel": otel}
+            _atomic_write(meta, json.dumps(record).encode())
+        return tar, diff_id, True, otel
+
+
+def _otel_in_tar(tar: Path) -> str | None:
+    """The opentelemetry-api version a dependency tarball holds (for layers cached before it was noted)."""
+    try:
+        with tarfile.open(tar) as archive:
+            for name in archive.getnames():
+                base = name.rstrip("/").rsplit("/", 1)[-1]
+                if base.startswith("opentelemetry_api-") and base.endswith(".dist-info"):
+                    return base[len("opentelemetry_api-") : -len(".dist-info")]
+    except (OSError, tarfile.TarError):
+        return None
+    return None
+
+
+OTEL_DIR = "/opt/fastapi-deploy/otel"
+
+
+def _observability_layer(
+    base: BaseImage,
+    otel_version: str | None,
+    engine: ImageEngine,
+    cache_dir: Path,
+    limits: BuildLimits,
+    deadline: float,
+    uv: str | None,
+    log: Log,
+) -> tuple[Path, str, str] | None:
+    """OpenTelemetry for the image's Python (``runtime/otel_layer.py``), under :data:`OTEL_DIR`, compiled
+    by the image's interpreter: (tarball, diff id, SDK version), cached like a dependency layer and shared
+    by every app with the same Python and OpenTelemetry version. None (with a log line) if it cannot be
+    built: the app is then deployed untraced, never failed for it."""
+    sdk = otel_version or SDK
+    layers = cache_dir / "otel-layers"
+    layers.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(
+        f"{base.minor}\0{base.platform}\0{sdk}\0{IMAGE_BUILDER_VERSION}".encode()
+    ).hexdigest()
+    tar, meta = layers / f"{key[:32]}.tar", layers / f"{key[:32]}.json"
+    with _locked(layers, key[:32], wait=True, deadline=deadline, limits=limits) as _:
+        if tar.is_file() and meta.is_file():
+            return tar, str(json.loads(meta.read_text())["diff_id"]), sdk
+        try:
+            source = ensure_layer(
+                cache_dir / "otel",
+                find_uv(uv),
+                python_version=base.minor,
+                python_platform=base.platform,
+                sdk=sdk,
+                env=_build_env(),
+                timeout=_left(deadline, limits),
+            )
+        except (BuildError, ValueError) as exc:
+            log(f"No tracing for this image: the observability layer could not be built ({exc})")
+            return None
+        with tempfile.TemporaryDirectory(prefix=f".{key[:12]}-", dir=layers) as tmp:
+            target = Path(tmp) / "otel"
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns(".fastapi-deploy-*", "__pycache__"))
+            _compile_dir(engine, base, target, OTEL_DIR, limits, deadline, log)
+            staged = Path(tmp) / "layer.tar"
+            _tar_directory(target, staged, OTEL_DIR.lstrip("/"), limits, deadline)
+            diff_id = _sha256_file(staged)
+            os.replace(staged, tar)
+            _atomic_write(meta, json.dumps({"diff_id": diff_id, "sdk": sdk}).encode())
+        log(f"Observability layer built (OpenTelemetry {sdk}, {diff_id[7:19]})")
+        return tar, diff_id, sdk
 
 
 def _install(
@@ -606,6 +688,18 @@ def _compile(
     engine: ImageEngine, base: BaseImage, target: Path, limits: BuildLimits, deadline: float, log: Log
 ) -> None:
     """Bytecode by the image's own interpreter, at the path it will have: no compile at instance start."""
+    _compile_dir(engine, base, target, base.site_dir, limits, deadline, log)
+
+
+def _compile_dir(
+    engine: ImageEngine,
+    base: BaseImage,
+    target: Path,
+    where: str,
+    limits: BuildLimits,
+    deadline: float,
+    log: Log,
+) -> None:
     argv = [
         "python3",
         "-I",
@@ -616,10 +710,10 @@ def _compile(
         "0",
         "--invalidation-mode",
         "unchecked-hash",
-        base.site_dir,
+        where,
     ]
     code, out = engine.run_once(
-        base.ref, argv, mounts={str(target): base.site_dir}, limits=limits, timeout=_left(deadline, limits)
+        base.ref, argv, mounts={str(target): where}, limits=limits, timeout=_left(deadline, limits)
     )
     if code != 0:
         # Not fatal: instances then compile in memory at each start (slower), the app still runs.
@@ -644,6 +738,8 @@ def _runtime_layer(base: BaseImage) -> bytes:
         ("opt/fastapi-deploy", None, 0o755, 0),
         ("opt/fastapi-deploy/entry.py", _ENTRY.encode(), 0o644, 0),
         ("opt/fastapi-deploy/launcher.py", launcher, 0o644, 0),
+        ("opt/fastapi-deploy/instrument.py", Path(_instrument_module.__file__).read_bytes(), 0o644, 0),
+        ("opt/fastapi-deploy/looplag.py", Path(_looplag_module.__file__).read_bytes(), 0o644, 0),
     ]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
@@ -707,6 +803,7 @@ def _image_config(
     workdir: str,
     meta: ImageMeta,
     base_ref: str,
+    otel_sdk: str | None = None,
 ) -> dict[str, Any]:
     env = [
         e for e in base.env if not e.startswith(("HOME=", "PYTHONDONTWRITEBYTECODE=", "PYTHONUNBUFFERED="))
@@ -723,6 +820,8 @@ def _image_config(
         f"FASTAPI_DEPLOY_HEALTH_PATH={meta.health_path}",
         f"FASTAPI_DEPLOY_PORT={CONTAINER_PORT}",
     ]
+    if otel_sdk is not None:  # tracing happens only when the platform also sets the OTLP endpoint
+        env += [f"FASTAPI_DEPLOY_OTEL_PATH={OTEL_DIR}", f"FASTAPI_DEPLOY_OTEL_VERSION={otel_sdk}"]
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     n_base = len(base.layers)
     history = [{"created": created, "created_by": f"{base_ref} (layer {i + 1})"} for i in range(n_base)]
@@ -732,6 +831,11 @@ def _image_config(
             "created_by": "fastapi-deploy: dependencies",
             "comment": labels[f"{LABEL}.lock-hash"],
         },
+        *(
+            [{"created": created, "created_by": f"fastapi-deploy: OpenTelemetry {otel_sdk}"}]
+            if otel_sdk is not None
+            else []
+        ),
         {"created": created, "created_by": "fastapi-deploy: launcher and the app user"},
         {"created": created, "created_by": "fastapi-deploy: app source"},
     ]
@@ -898,11 +1002,11 @@ def _cores(cpus: float | None) -> set[int] | None:
 
 
 def _build_env() -> dict[str, str]:
-    # An allow-list: the control plane's own secrets (admin token, database URL, registry password,
-    # secret keys) must not reach a build step, which may run a package's setup.py.
-    env = {k: v for k, v in os.environ.items() if _ENV_ALLOWED.match(k)}
-    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-    env.update(NO_COLOR="1", UV_NO_PROGRESS="1", UV_PYTHON_DOWNLOADS="never")
+    # The builder's allow-list (runtime/builder.py): the control plane's own secrets (admin token,
+    # database URL, registry password, secret keys) must not reach a build step, which may run a
+    # package's setup.py. uv installs for another interpreter here: it must never download one.
+    env = build_env(None)
+    env["UV_PYTHON_DOWNLOADS"] = "never"
     return env
 
 

@@ -78,18 +78,53 @@ def main(argv: list[str] | None = None) -> int:
     # Like FastAPI CLI: the import directory goes on sys.path, the project root is the working
     # directory (relative paths to templates or static files resolve against it).
     os.chdir(args.workdir or args.app_dir)
+    # The launcher's own folder (sys.path[0] for a script) is the platform's, not the app's: an import
+    # the app cannot satisfy must fail, not find one of our modules.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     sys.path.insert(0, args.app_dir)
     # Line-buffered output so each log line reaches the platform as it is written.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
+    telemetry = _telemetry()  # before the app is imported: it patches the libraries the app uses
     if args.template:
-        outcome = _Template(args).run()
+        outcome = _Template(args, telemetry).run()
         if isinstance(outcome, int):
             return outcome  # the template itself is done
         # From here on this process is a forked instance.
-        return _serve(outcome.config, args.host, args.port, outcome.ready_fd)
-    return _serve(_make_config(args.app, args.root_path), args.host, args.port, args.ready_fd)
+        return _serve(outcome.config, args.host, args.port, outcome.ready_fd, telemetry)
+    config = _make_config(args.app, args.root_path)
+    if telemetry is not None:
+        config.load()  # an import error exits here (status 1), after uvicorn printed why
+        _wrap(telemetry, config)
+    return _serve(config, args.host, args.port, args.ready_fd, telemetry)
+
+
+def _telemetry() -> Any:
+    """``runtime/instrument.py`` (loaded by path, beside this file) prepared, or None: tracing is off
+    when the control plane did not ask for it, and never stops the app from starting."""
+    if not os.environ.get("FASTAPI_DEPLOY_OTLP_ENDPOINT"):
+        return None
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "instrument.py")
+    try:
+        spec = importlib.util.spec_from_file_location("_fastapi_deploy_instrument", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.prepare()
+    except Exception as exc:
+        print(f"fastapi-deploy: tracing is off: {exc!r}", file=sys.stderr, flush=True)
+        return None
+
+
+def _wrap(telemetry: Any, config: Any) -> None:
+    try:
+        telemetry.wrap(config)
+    except Exception as exc:
+        print(f"fastapi-deploy: the app is not traced: {exc!r}", file=sys.stderr, flush=True)
 
 
 def _close_inherited_fds(keep: tuple[int, ...]) -> None:
@@ -118,12 +153,87 @@ def _make_config(app: str, root_path: str) -> Any:
         timeout_keep_alive=5,
         access_log=True,
         server_header=False,
+        log_config=_log_config(),
     )
 
 
-def _serve(config: Any, host: str, port: int, ready_fd: int) -> int:
+# -- request correlation: the access log says which request (and trace) each line is ----------------
+
+_REQUEST: Any = None  # contextvars.ContextVar[tuple[str, str]], created on first use
+
+
+class _RequestFilter:
+    """Gives every access-log record the ``request_id`` and ``trace_id`` of the request being served
+    (set by :class:`_Correlate`; "-" outside a request)."""
+
+    def filter(self, record: Any) -> bool:
+        request_id, trace_id = _REQUEST.get() if _REQUEST is not None else ("-", "-")
+        record.request_id = request_id
+        record.trace_id = trace_id
+        return True
+
+
+class _Correlate:
+    """The outermost ASGI layer: remembers the router's ``X-Request-ID`` and the trace id of
+    ``traceparent`` for the duration of the request (two header lookups, one context variable)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = trace_id = "-"
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")
+            elif name == b"traceparent" and len(value) >= 35:
+                trace_id = value[3:35].decode("latin-1")
+        token = _REQUEST.set((request_id, trace_id))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _REQUEST.reset(token)
+
+
+def _log_config() -> Any:
+    """uvicorn's logging, with the request's ids at the end of each access-log line."""
+    global _REQUEST
+    import contextvars
+    import copy
+
+    try:
+        from uvicorn.config import LOGGING_CONFIG
+    except ImportError:
+        return None
+    if _REQUEST is None:
+        _REQUEST = contextvars.ContextVar("fastapi_deploy_request", default=("-", "-"))
+    config = copy.deepcopy(LOGGING_CONFIG)
+    try:
+        access = config["formatters"]["access"]
+        access["fmt"] = access["fmt"] + " request_id=%(request_id)s trace_id=%(trace_id)s"
+        config.setdefault("filters", {})["fastapi_deploy_request"] = {"()": _RequestFilter}
+        config["handlers"]["access"]["filters"] = ["fastapi_deploy_request"]
+    except (KeyError, TypeError):
+        return LOGGING_CONFIG  # a uvicorn whose logging looks different: plain access logs
+    return config
+
+
+def _serve(config: Any, host: str, port: int, ready_fd: int, telemetry: Any = None) -> int:
     """Bind, run uvicorn until it is told to stop, report readiness after the lifespan startup."""
     import uvicorn
+
+    if not config.loaded:
+        config.load()  # an import error exits here, as uvicorn would (its message is in the output)
+    if _REQUEST is not None and not isinstance(config.loaded_app, _Correlate):
+        config.loaded_app = _Correlate(config.loaded_app)
+    if telemetry is not None:
+        try:
+            telemetry.start()  # its exporter thread: here, never in a template (threads don't fork)
+        except Exception as exc:
+            print(f"fastapi-deploy: tracing is off: {exc!r}", file=sys.stderr, flush=True)
+            telemetry = None
 
     # proto=IPPROTO_TCP matters: asyncio (and uvloop) only set TCP_NODELAY on accepted sockets whose
     # proto says TCP; with proto 0, Nagle plus the client's delayed ACK add ~40 ms to every response.
@@ -136,6 +246,8 @@ def _serve(config: Any, host: str, port: int, ready_fd: int) -> int:
     class _Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
+            if telemetry is not None and not self.should_exit:
+                telemetry.watch_loop()  # in the serving process's loop, after any fork
             if self.should_exit or ready_fd < 0:
                 return
             try:
@@ -144,11 +256,19 @@ def _serve(config: Any, host: str, port: int, ready_fd: int) -> int:
             except OSError:
                 pass
 
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets=sockets)
+            if telemetry is not None:
+                await telemetry.unwatch_loop()
+
     server = _Server(config)
     try:
         asyncio.run(server.serve(sockets=[sock]))  # always a new event loop
     except KeyboardInterrupt:
         pass
+    finally:
+        if telemetry is not None:
+            telemetry.shutdown()
     if not server.started:
         return 3
     return 0
@@ -170,8 +290,9 @@ class _Unfit(Exception):
 
 
 class _Template:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, telemetry: Any = None) -> None:
         self.args = args
+        self.telemetry = telemetry
         self.control = socket.socket(fileno=args.control_fd)
         self.control.set_inheritable(False)
         self.pid = os.getpid()
@@ -189,6 +310,8 @@ class _Template:
             sys.stdout.flush()
             sys.stderr.flush()
             return 3
+        if self.telemetry is not None:
+            _wrap(self.telemetry, config)  # middleware objects only: forked children inherit them
         try:
             self._check_fit()
         except _Unfit as exc:

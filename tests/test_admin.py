@@ -11,7 +11,7 @@ import hashlib
 import json
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +28,7 @@ from control_plane.app import create_app
 from control_plane.config import Settings
 from control_plane.models import BuildLogLine, EnvVar, utcnow
 from control_plane.platform import Platform
-from control_plane.ratelimit import TokenBucket
+from control_plane.ratelimit import RateLimits, TokenBucket
 from control_plane.secrets import SecretBox
 from tests import test_roles
 from tests.conftest import CLI, EXAMPLES, Server, wait_until
@@ -40,11 +40,16 @@ anyio_backend = test_roles.anyio_backend
 
 
 @asynccontextmanager
-async def platform_env(tmp_path: Path, **overrides: Any) -> AsyncIterator[Env]:
-    """An in-process platform on SQLite with the given settings (rate limits, secret keys...)."""
+async def platform_env(
+    tmp_path: Path, clock: Callable[[], float] | None = None, **overrides: Any
+) -> AsyncIterator[Env]:
+    """An in-process platform on SQLite with the given settings (rate limits, secret keys...); its rate
+    limits on ``clock`` when given (a fake one: tests move time instead of waiting)."""
     settings = Settings(data_dir=tmp_path / "data", router_port=0, admin_token=ADMIN, **overrides)
     platform = Platform(settings)
     app = create_app(settings, platform)
+    if clock is not None:
+        app.state.rate_limits = RateLimits(settings, clock=clock)
     await platform.start()
     try:
         transport = httpx.ASGITransport(app=app)
@@ -352,6 +357,58 @@ async def test_login_is_rate_limited_with_retry_after(tmp_path: Path) -> None:
         assert r.json()["error"]["code"] == "rate_limited" and r.json()["error"]["hint"]
         r = await login(e, "other@example.test", "wrong")  # the IP's own burst of 4 is used up now
         assert r.status_code == 429
+
+
+def assert_rate_limited(r: httpx.Response, wait: int) -> None:
+    """429 with ``Retry-After`` (whole seconds, rounded up) and our error's title, message and hint."""
+    assert r.status_code == 429, r.text
+    assert r.headers["Retry-After"] == str(wait)
+    error = r.json()["error"]
+    assert error["code"] == "rate_limited" and error["title"] and error["hint"], error
+    assert r.json()["detail"] == error["message"]
+
+
+@pytest.mark.anyio
+async def test_token_creation_is_rate_limited_per_user(tmp_path: Path) -> None:
+    now = [1000.0]
+    async with platform_env(tmp_path, clock=lambda: now[0], rate_limit_tokens=(3, 30.0)) as e:
+        app = await e.create_app("limited")
+        # One bucket per user for every kind of token it creates: personal tokens and deploy tokens.
+        assert (await e.post("/tokens/", json={"name": "a"})).status_code == 201
+        assert (await e.post(f"/apps/{app['id']}/tokens", json={"name": "b"})).status_code == 201
+        assert (await e.post("/tokens/", json={"name": "c"})).status_code == 201
+        assert_rate_limited(await e.post(f"/apps/{app['id']}/tokens", json={"name": "d"}), 30)
+        assert_rate_limited(await e.post("/tokens/", json={"name": "e"}), 30)
+        # Refused requests made nothing.
+        names = {t["name"] for t in (await e.get(f"/apps/{app['id']}/tokens")).json()["data"]}
+        assert names == {"b"}
+        # Another user has a bucket of its own.
+        team = await make_team(e, "other-team")
+        _user, other = await make_user(e, "other@example.test", team, "owner")
+        assert (await e.post("/tokens/", other, json={"name": "theirs"})).status_code == 201
+        now[0] += 10.0  # a third of the way to the next token
+        assert_rate_limited(await e.post("/tokens/", json={"name": "f"}), 20)
+        now[0] += 20.0
+        assert (await e.post("/tokens/", json={"name": "g"})).status_code == 201
+
+
+@pytest.mark.anyio
+async def test_device_flow_is_rate_limited_per_ip(tmp_path: Path) -> None:
+    now = [1000.0]
+    async with platform_env(tmp_path, clock=lambda: now[0], rate_limit_device=(3, 2.0)) as e:
+        authorize = "/api/v1/login/device/authorization"
+        first = await e.client.post(authorize, data={"client_id": "fastapi-cli"})
+        assert first.status_code == 200
+        form = {"device_code": first.json()["device_code"], "client_id": "fastapi-cli", "grant_type": "x"}
+        # Authorizations and token polls share the client's bucket.
+        r = await e.client.post("/api/v1/login/device/token", data=form)
+        assert r.status_code == 400 and r.json()["error"] == "authorization_pending"
+        assert (await e.client.post(authorize, data={"client_id": "fastapi-cli"})).status_code == 200
+        assert_rate_limited(await e.client.post("/api/v1/login/device/token", data=form), 2)
+        assert_rate_limited(await e.client.post(authorize, data={"client_id": "fastapi-cli"}), 2)
+        now[0] += 2.0  # Retry-After later, the poll goes through again
+        r = await e.client.post("/api/v1/login/device/token", data=form)
+        assert r.status_code == 400 and r.json()["error"] == "authorization_pending"
 
 
 # -- the real server and the real CLI ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import io
 import json
 import tarfile
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,17 @@ import httpx
 import pytest
 import zstandard
 from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import SQLModel
 
 from control_plane.app import create_app
 from control_plane.config import Settings
-from control_plane.db import alembic_config
-from control_plane.models import ApiToken, Membership, Team, User, utcnow
+from control_plane.db import Database, alembic_config, migration_connection
+from control_plane.models import ApiToken, Deployment, Membership, Team, User, utcnow
 from control_plane.platform import Platform
 from control_plane.security import hash_token
 from tests.dbs import database
@@ -85,19 +90,26 @@ class Env:
         return raw
 
 
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Env]:
+    """The platform of ``settings``, started, with an in-process client of its API."""
+    platform = Platform(settings)
+    app = create_app(settings, platform)
+    await platform.start()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield Env(platform, client)
+    finally:
+        await platform.stop()
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
     with database(request.param, tmp_path) as url:
         settings = Settings(data_dir=tmp_path / "data", router_port=0, database_url=url, admin_token=ADMIN)
-        platform = Platform(settings)
-        app = create_app(settings, platform)
-        await platform.start()
-        try:
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-                yield Env(platform, client)
-        finally:
-            await platform.stop()
+        async with running(settings) as env:
+            yield env
 
 
 def tar_zst(files: dict[str, bytes]) -> bytes:
@@ -124,11 +136,73 @@ async def test_migrations_reach_head_and_are_idempotent(env: Env) -> None:
     with engine.connect() as conn:
         current = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
     assert current == head
-    # Downgrade and upgrade round-trip (the migration is reversible).
-    with engine.begin() as conn:
+    # Downgrade and upgrade round-trip (the migration is reversible), on a database with rows that
+    # other tables refer to (the bootstrap's admin, team, membership and token).
+    with migration_connection(engine) as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, "base")
         command.upgrade(cfg, "head")
+
+
+def _drift(diff: list[Any]) -> list[tuple[str, ...]]:
+    """Alembic's differences as (operation, table, column) or (operation, name), less the one kind that
+    is on purpose: a server default in the database on a column whose model declares none. Migrations
+    that add a NOT NULL column to a table that may have rows give it one (0002's autoscaling knobs,
+    0003's ``user.disabled``); new rows get the model's default from the ORM either way."""
+    out: list[tuple[str, ...]] = []
+    for entry in diff:
+        for change in entry if isinstance(entry, list) else [entry]:
+            op = change[0]
+            if op == "modify_default":  # (op, schema, table, column, info, database's, model's)
+                if change[5] is not None and change[6] is None:
+                    continue
+                out.append((op, change[2], change[3]))
+            elif op.startswith("modify_"):
+                out.append((op, change[2], change[3]))
+            else:  # (op, Table | Index | Column | Constraint ...)
+                obj = change[-1]
+                out.append((op, str(getattr(obj, "name", obj))))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_migrations_match_the_models(kind: str, tmp_path: Path) -> None:
+    """An empty database migrated to head has exactly the models' tables, columns, types, nullability,
+    indexes, unique and foreign keys, and server defaults (but for the kind ``_drift`` explains)."""
+    with database(kind, tmp_path) as url:
+        db = Database(Settings(data_dir=tmp_path, database_url=url).sqlalchemy_url)
+        try:
+            db.migrate()
+            with db.engine.connect() as conn:
+                context = MigrationContext.configure(
+                    conn, opts={"compare_type": True, "compare_server_default": True}
+                )
+                diff = compare_metadata(context, SQLModel.metadata)
+        finally:
+            db.dispose()
+    # The exception is exercised: 0003's user.disabled is one of them.
+    assert any(isinstance(e, list) and e[0][:4] == ("modify_default", None, "user", "disabled") for e in diff)
+    assert _drift(diff) == [], diff
+
+
+@pytest.mark.anyio
+async def test_foreign_keys_are_enforced(env: Env) -> None:
+    with env.platform.db.session() as s:
+        if env.platform.db.engine.dialect.name == "sqlite":
+            assert s.connection().exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        s.add(Deployment(app_id="no-such-app"))
+        with pytest.raises(IntegrityError):
+            s.commit()
+    # Deleting an app (with deployments, env vars, build logs) and a team deletes in a valid order.
+    app = await env.create_app("doomed")
+    await env.post(f"/apps/{app['id']}/deployments/", json={"archive_size_bytes": 10})
+    r = await env.put(f"/apps/{app['id']}/environment-variables/", json={"upsert": {"A": {"value": "1"}}})
+    assert r.status_code == 200
+    assert (await env.delete(f"/apps/{app['id']}")).status_code == 204
+    assert (await env.get(f"/apps/{app['id']}")).status_code == 404
+    team = await env.post("/teams/", json={"name": "Short lived"})
+    assert team.status_code == 201, team.text
+    assert (await env.delete(f"/teams/{team.json()['id']}")).status_code == 204
 
 
 # -- contract edges ---------------------------------------------------------------------------------
@@ -368,6 +442,179 @@ async def test_upload_guards(env: Env) -> None:
     ).status_code == 200  # still waiting: new URL ok
 
 
+LIMIT = 200_000  # the server's max_archive_bytes in the upload-limit tests
+BOUNDARY = "fdp-test-boundary"
+
+
+class ChunkedForm:
+    """A storage form sent without Content-Length (chunked), the file in 64 KiB chunks; counts what
+    the server pulled from it."""
+
+    def __init__(self, fields: dict[str, str], file_size: int) -> None:
+        self.fields, self.file_size = fields, file_size
+        self.sent = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for name, value in self.fields.items():
+            yield (
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+            ).encode()
+        yield (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="archive.tar"\r\n'
+            "Content-Type: application/x-tar\r\n\r\n"
+        ).encode()
+        left = self.file_size
+        while left > 0:
+            chunk = b"z" * min(65536, left)
+            left -= len(chunk)
+            self.sent += len(chunk)
+            yield chunk
+        yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def small_env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
+    """A platform that accepts uploads of at most ``LIMIT`` bytes."""
+    with database(request.param, tmp_path) as url:
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            router_port=0,
+            database_url=url,
+            admin_token=ADMIN,
+            max_archive_bytes=LIMIT,
+        )
+        async with running(settings) as env:
+            yield env
+
+
+async def waiting_upload(env: Env, name: str, declared: int = 1000) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A new app's deployment waiting for its upload (``declared`` bytes), and its storage target."""
+    app = await env.create_app(name)
+    r = await env.post(f"/apps/{app['id']}/deployments/", json={"archive_size_bytes": declared})
+    assert r.status_code == 201, r.text
+    dep = r.json()
+    target = (await env.post(f"/deployments/{dep['id']}/upload")).json()
+    return dep, target
+
+
+async def assert_refused_as_too_large(env: Env, dep: dict[str, Any], r: httpx.Response, words: str) -> None:
+    """413 with title, message and hint; the deployment failed the way extraction would; nothing kept."""
+    assert r.status_code == 413, r.text
+    error = r.json()["error"]
+    assert error["title"] and error["hint"] and words in error["message"], error
+    assert r.json()["detail"] == error["message"]
+    got = (await env.get(f"/deployments/{dep['id']}")).json()
+    assert got["status"] == "extracting_failed_archive_too_large"
+    assert got["failure"] == {
+        "error_code": "extracting_failed_archive_too_large",
+        "error_title": error["title"],
+        "error_message": error["message"],
+        "error_hint": error["hint"],
+    }
+    assert not (env.platform.paths.deployments / dep["id"]).exists()  # the partial file is gone
+    logs = await env.get(f"/deployments/{dep['id']}/build-logs")
+    lines = [json.loads(line) for line in logs.text.splitlines() if line]
+    assert lines[-1]["type"] == "failed"
+    assert any(error["message"] in line.get("message", "") for line in lines)
+    r = await env.post(f"/deployments/{dep['id']}/upload-complete")
+    assert r.status_code == 409
+
+
+@pytest.mark.anyio
+async def test_chunked_oversize_upload_is_cut_off(small_env: Env) -> None:
+    env = small_env
+    dep, target = await waiting_upload(env, "chunky")
+    form = ChunkedForm(target["fields"], file_size=20 * LIMIT)
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    r = await env.client.post(httpx.URL(target["url"]).path, content=form, headers=headers)
+    assert "content-length" not in r.request.headers
+    await assert_refused_as_too_large(env, dep, r, "exceeds the maximum allowed size (0.2 MB)")
+    assert "the upload was stopped after" in r.json()["detail"]
+    # Reading stopped at the limit: the rest of the body was never pulled.
+    assert form.sent < LIMIT + 3 * 65536, form.sent
+
+
+@pytest.mark.anyio
+async def test_chunked_upload_within_the_limit_is_stored(small_env: Env) -> None:
+    env = small_env
+    dep, target = await waiting_upload(env, "fits")
+    form = ChunkedForm(target["fields"], file_size=LIMIT)  # exactly the limit: allowed
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    r = await env.client.post(httpx.URL(target["url"]).path, content=form, headers=headers)
+    assert r.status_code == 204, r.text
+    assert env.platform.paths.archive(dep["id"]).read_bytes() == b"z" * LIMIT
+    assert (await env.get(f"/deployments/{dep['id']}")).json()["status"] == "waiting_upload"
+    assert not list(env.platform.paths.archive(dep["id"]).parent.glob("*.part"))
+
+
+@pytest.mark.anyio
+async def test_oversize_upload_over_the_team_quota(small_env: Env) -> None:
+    env = small_env
+    dep, target = await waiting_upload(env, "quota-cut")
+    team_id = (await env.get(f"/apps/{dep['app_id']}")).json()["team_id"]
+    quota = {k: None for k in (await env.get(f"/admin/teams/{team_id}/quota")).json()["overrides"]}
+    r = await env.put(f"/admin/teams/{team_id}/quota", json={**quota, "max_archive_bytes": 50_000})
+    assert r.status_code == 200, r.text
+    form = ChunkedForm(target["fields"], file_size=LIMIT // 2)  # under the server's limit, over the team's
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    r = await env.client.post(httpx.URL(target["url"]).path, content=form, headers=headers)
+    await assert_refused_as_too_large(
+        env, dep, r, "exceeds the maximum allowed size (50 kB) for team default"
+    )
+
+
+@pytest.mark.anyio
+async def test_oversize_upload_over_the_team_storage_quota(small_env: Env) -> None:
+    env = small_env
+    dep, target = await waiting_upload(env, "storage-cut")  # declares 1000 bytes: fits at create time
+    team_id = (await env.get(f"/apps/{dep['app_id']}")).json()["team_id"]
+    quota = {k: None for k in (await env.get(f"/admin/teams/{team_id}/quota")).json()["limits"]}
+    r = await env.put(f"/admin/teams/{team_id}/quota", json={**quota, "max_storage_bytes": 60_000})
+    assert r.status_code == 200, r.text
+    form = ChunkedForm(target["fields"], file_size=LIMIT // 2)
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    r = await env.client.post(httpx.URL(target["url"]).path, content=form, headers=headers)
+    await assert_refused_as_too_large(
+        env, dep, r, "does not fit in team default's storage quota (60 kB left)"
+    )
+    assert r.json()["error"]["title"] == "Storage quota exceeded"
+
+
+@pytest.mark.anyio
+async def test_declared_oversize_upload_fails_the_deployment_too(small_env: Env) -> None:
+    env = small_env
+    dep, target = await waiting_upload(env, "declared")
+    body = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="upload_token"\r\n\r\n'
+        f"{target['fields']['upload_token']}\r\n"
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="archive.tar"\r\n\r\n'
+    ).encode()
+    headers = {
+        "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
+        "Content-Length": str(10 * LIMIT),  # says it is too large before a byte of the file arrives
+    }
+    r = await env.client.post(httpx.URL(target["url"]).path, content=body, headers=headers)
+    await assert_refused_as_too_large(env, dep, r, "exceeds the maximum allowed size")
+
+
+@pytest.mark.anyio
+async def test_oversize_upload_without_the_token_changes_nothing(small_env: Env) -> None:
+    env = small_env
+    dep, target = await waiting_upload(env, "no-token")
+    form = ChunkedForm({"upload_token": "not-the-token"}, file_size=20 * LIMIT)
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    r = await env.client.post(httpx.URL(target["url"]).path, content=form, headers=headers)
+    assert r.status_code == 403, r.text
+    assert form.sent <= 65536  # refused before the file's bytes were read
+    assert (await env.get(f"/deployments/{dep['id']}")).json()["status"] == "waiting_upload"
+    assert not (env.platform.paths.deployments / dep["id"]).exists()
+    # The real token still works.
+    r = await env.client.post(
+        httpx.URL(target["url"]).path, data=target["fields"], files={"file": ("archive.tar", b"ok")}
+    )
+    assert r.status_code == 204
+
+
 @pytest.mark.anyio
 async def test_cancelled_upload_build_log_ends_failed(env: Env) -> None:
     app = await env.create_app("cancelled")
@@ -408,3 +655,30 @@ async def test_health_endpoints(env: Env) -> None:
     assert (await env.client.get("/healthz")).json() == {"status": "ok"}
     r = await env.client.get("/readyz")
     assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+@pytest.mark.anyio
+async def test_health_path_is_configurable(env: Env) -> None:
+    app = await env.create_app("checked")
+    assert app["health_path"] == "/"
+    r = await env.patch(f"/apps/{app['id']}", json={"health_path": "/healthz?deep=1"})
+    assert r.status_code == 200, r.text
+    assert r.json()["health_path"] == "/healthz?deep=1"
+    assert r.json()["directory"] is None  # only what was sent changes
+    assert (await env.get(f"/apps/{app['id']}")).json()["health_path"] == "/healthz?deep=1"
+    for bad, words in [
+        ("healthz", "must start with '/'"),
+        ("/health check", "without spaces"),
+        ("/a\r\nHost: evil", "without spaces"),
+        ("/" + "a" * 200, "at most 200 characters"),
+        ("", "must start with '/'"),
+    ]:
+        r = await env.patch(f"/apps/{app['id']}", json={"health_path": bad})
+        assert r.status_code == 422, bad
+        assert words in r.json()["detail"][0]["msg"], (bad, r.json())
+    assert (await env.get(f"/apps/{app['id']}")).json()["health_path"] == "/healthz?deep=1"
+    # The directory alone (what the official CLI sends) leaves it alone; null resets it.
+    r = await env.patch(f"/apps/{app['id']}", json={"directory": "src"})
+    assert r.json()["health_path"] == "/healthz?deep=1"
+    r = await env.patch(f"/apps/{app['id']}", json={"health_path": None})
+    assert r.json()["health_path"] == "/" and r.json()["directory"] == "src"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -282,3 +283,121 @@ def test_prune(tmp_path: Path) -> None:
     assert prune_environments(envs, {keep}) == [busy]
     assert leftovers(envs) == sorted([keep, "unrelated"])
     assert prune_environments(tmp_path / "missing", set()) == []
+
+
+# A PEP 517 backend in the package's own tree (no build requirements: nothing to download) that records
+# the environment it was run with, as any setup.py could.
+_SPY_BACKEND = """\
+import base64, hashlib, json, os, zipfile
+
+def _record():
+    home = os.path.expanduser("~")
+    with open(os.path.join(home, MARK), "w") as f:
+        f.write("x")
+    with open(OUT, "w") as f:
+        json.dump({"environ": dict(os.environ), "home": home}, f)
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    _record()
+    info = "envspy-0.1.dist-info/"
+    files = {
+        "envspy.py": b"",
+        info + "METADATA": b"Metadata-Version: 2.1\\nName: envspy\\nVersion: 0.1\\n",
+        info + "WHEEL": b"Wheel-Version: 1.0\\nGenerator: spy\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n",
+    }
+    def digest(data):
+        return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    record = "".join(f"{p},sha256={digest(d)},{len(d)}\\n" for p, d in files.items()) + info + "RECORD,,\\n"
+    name = "envspy-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as z:
+        for path, data in files.items():
+            z.writestr(path, data)
+        z.writestr(info + "RECORD", record)
+    return name
+"""
+
+SERVER_SECRETS = {
+    "FASTAPI_DEPLOY_ADMIN_TOKEN": "fdp_admin_token_must_not_leak",
+    "FASTAPI_DEPLOY_SECRET_KEY": "fernet-key-must-not-leak",
+    "FASTAPI_DEPLOY_REGISTRY_PASSWORD": "registry-password-must-not-leak",
+    "DATABASE_URL": "postgresql://user:db-password-must-not-leak@db/x",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-must-not-leak",
+}
+
+
+def test_build_scripts_never_see_the_servers_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in SERVER_SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("VIRTUAL_ENV", str(Path(sys.executable).parent.parent))
+    monkeypatch.setenv("UV_INDEX_STRATEGY", "first-index")  # operator's uv settings do pass
+    out = tmp_path / "seen.json"
+    mark = f"written-by-a-build-script-{os.urandom(4).hex()}"
+    root = tmp_path / "src"
+    project = project_with(
+        root,
+        {
+            "requirements.txt": "./envspy\n",
+            "envspy/pyproject.toml": (
+                '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n'
+                '[project]\nname = "envspy"\nversion = "0.1"\n'
+            ),
+            "envspy/backend.py": f"OUT = {str(out)!r}\nMARK = {mark!r}\n" + _SPY_BACKEND,
+        },
+    )
+
+    env = build_environment(project, tmp_path / "envs", python=PYTHON, log=lambda line: None)
+
+    assert python_ok(env, "import envspy").returncode == 0  # the build script did run
+    seen = json.loads(out.read_text())
+    environ: dict[str, str] = seen["environ"]
+    leaked = [k for k in environ if k.startswith("FASTAPI_DEPLOY_") or k in SERVER_SECRETS]
+    assert leaked == [], leaked
+    assert not [k for k, v in environ.items() if any(s in v for s in SERVER_SECRETS.values())]
+    assert "VIRTUAL_ENV" not in environ or environ["VIRTUAL_ENV"] != os.environ["VIRTUAL_ENV"]
+    assert environ["UV_INDEX_STRATEGY"] == "first-index"
+    assert environ["PATH"]
+    # A HOME of the build's own, gone afterwards; the server user's home was not written to.
+    assert seen["home"] != str(Path.home())
+    assert not Path(seen["home"]).exists()
+    assert not (Path.home() / mark).exists()
+
+
+def test_build_env_is_an_allow_list() -> None:
+    server = {
+        **SERVER_SECRETS,
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/home/platform",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "TMPDIR": "/var/tmp",
+        "HTTPS_PROXY": "http://proxy:3128",
+        "no_proxy": "localhost",
+        "SSL_CERT_FILE": "/etc/ssl/ca.pem",
+        "REQUESTS_CA_BUNDLE": "/etc/ssl/ca.pem",
+        "UV_INDEX_URL": "https://pypi.internal/simple",
+        "PIP_INDEX_URL": "https://pypi.internal/simple",
+        "VIRTUAL_ENV": "/srv/fastapi-deploy/.venv",
+        "PYTHONPATH": "/srv/fastapi-deploy",
+        "FASTAPI_DEPLOY_DATA_DIR": "/srv/data",
+        "KUBECONFIG": "/root/.kube/config",
+    }
+    env = builder.build_env(Path("/tmp/build-home"), server)
+    passed = {
+        "PATH",
+        "LANG",
+        "LC_ALL",
+        "TMPDIR",
+        "HTTPS_PROXY",
+        "no_proxy",
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "UV_INDEX_URL",
+        "PIP_INDEX_URL",
+    }
+    assert {k: env[k] for k in passed} == {k: server[k] for k in passed}
+    assert env["HOME"] == "/tmp/build-home"
+    assert env["UV_CACHE_DIR"] == "/home/platform/.cache/uv"  # the server's cache, not the build's HOME
+    assert set(env) == passed | {"HOME", "UV_CACHE_DIR", "NO_COLOR", "UV_NO_PROGRESS"}
+    # uv's own discovery steps keep the server's HOME (uv-managed interpreters live there).
+    assert builder.build_env(None, server)["HOME"] == "/home/platform"
+    assert builder.build_env(None, {**server, "UV_CACHE_DIR": "/cache"})["UV_CACHE_DIR"] == "/cache"

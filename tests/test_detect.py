@@ -225,3 +225,44 @@ def test_dependency_kinds(tmp_path: Path, case: str) -> None:
     assert project.dependencies.kind == kind
     assert project.dependencies.files == tuple(source / f for f in spec_files)
     assert project.python_version == python_version
+
+
+def test_health_path_from_pyproject(tmp_path: Path) -> None:
+    root = make(
+        tmp_path / "a",
+        {"main.py": APP, "pyproject.toml": '[tool.fastapi-deploy]\nhealth_path = "/healthz?probe=1"\n'},
+    )
+    assert detect_project(root).health_path == "/healthz?probe=1"
+    # Not configured: None, so the app's own setting (default "/") applies.
+    assert detect_project(make(tmp_path / "b", {"main.py": APP})).health_path is None
+    other_tool = make(tmp_path / "c", {"main.py": APP, "pyproject.toml": "[tool.fastapi-deploy]\nx = 1\n"})
+    assert detect_project(other_tool).health_path is None
+    # Read from the app directory's pyproject.toml, like the entrypoint.
+    nested = make(
+        tmp_path / "d",
+        {"svc/main.py": APP, "svc/pyproject.toml": '[tool.fastapi-deploy]\nhealth_path = "/ready"\n'},
+    )
+    assert detect_project(nested, "svc").health_path == "/ready"
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ('"healthz"', "must start with '/'"),
+        ('"/health check"', "without spaces"),
+        ('"/ok\\r\\nX-Injected: 1"', "without spaces"),
+        ('"/ok\\n"', "without spaces"),
+        ('"/é"', "printable ASCII"),
+        (f'"/{"a" * 200}"', "at most 200 characters"),
+        ("200", "is not a string"),
+    ],
+)
+def test_invalid_health_path(tmp_path: Path, value: str, words: str) -> None:
+    root = make(
+        tmp_path, {"main.py": APP, "pyproject.toml": f"[tool.fastapi-deploy]\nhealth_path = {value}\n"}
+    )
+    with pytest.raises(BuildError) as info:
+        detect_project(root)
+    assert info.value.title == "Invalid health path"
+    assert words in info.value.message
+    assert "[tool.fastapi-deploy]" in info.value.hint

@@ -165,6 +165,30 @@ def test_examples_run_as_containers_behind_the_router(
     assert [b["HostIp"] for b in bindings] == ["127.0.0.1"]
 
 
+def test_containers_are_traced_too(server: Server, workdir: Path) -> None:
+    """The image carries the observability layer and the instrumentation; the container sends its
+    spans to the receiver on its network's gateway. A trace id in the sampled share is always kept."""
+    out = push(server, copy_example("hello", workdir / "traced"), "dk-traced")
+    image = image_of(server, out["deployment_id"])
+    with dockerenv.connected() as client:
+        env = client.api.inspect_image(image["image_id"])["Config"]["Env"]
+    assert any(e.startswith("FASTAPI_DEPLOY_OTEL_PATH=/opt/fastapi-deploy/otel") for e in env)
+    trace_id = "4bf92f3577b34da60000000000000001"  # low 64 bits below any sampling ratio but 0
+    r = server.get("dk-traced", "/items/3", headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    assert r.status_code == 200 and r.headers["x-trace-id"] == trace_id
+
+    def traced() -> dict[str, Any] | None:
+        with server.api() as api:
+            got = api.get(f"/traces/{trace_id}")
+        spans = got.json()["spans"] if got.status_code == 200 else []
+        app_spans = [s for s in spans if s["service"] == "dk-traced"]
+        return app_spans[0] if app_spans else None
+
+    span = wait_until(traced, 30, interval=0.3, what="the container's span")
+    assert span["name"] == "GET /items/{item_id}" and span["kind"] == "server"
+    assert span["instance_id"]
+
+
 def test_code_only_redeploy_reuses_the_dependency_layer(server: Server, workdir: Path) -> None:
     project = copy_example("with-deps", workdir / "layered")
     first = push(server, project, "layered")

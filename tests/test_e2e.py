@@ -281,6 +281,65 @@ def test_crashed_instance_is_replaced_and_its_last_words_kept(server: Server, wo
     assert "exited unexpectedly (exit code 17)" in logs
 
 
+def test_cli_delete_stops_the_app_and_forgets_it(server: Server, workdir: Path) -> None:
+    project = copy_example("hello", workdir, "doomed")
+    write_version(project, "doomed")
+    out = push(server, project, "doomed")
+    server.cli("env", "set", "doomed", "SECRET=s", "--secret", "--no-redeploy")
+    pid = server.cli_json("status", "doomed")["app"]["instances"][0]["pid"]
+    with server.api() as api:
+        deploy_token = api.post(f"/apps/{out['app_id']}/tokens", json={"name": "ci"}).json()["value"]
+    assert (server.data_dir / "deployments" / out["deployment_id"]).is_dir()
+
+    # Without --yes it asks; answering no changes nothing.
+    refused = server.cli("delete", "doomed", input="n\n", check=False)
+    assert refused.returncode != 0 and "Delete app doomed" in refused.stdout + refused.stderr
+    assert server.get("doomed").json() == {"version": "doomed"}
+
+    deleted = server.cli("delete", "doomed", input="y\n")
+    assert "Deleted app doomed." in deleted.stdout + deleted.stderr
+    assert "doomed" not in {a["slug"] for a in server.cli_json("apps")}
+    gone = server.cli("status", "doomed", check=False)
+    assert gone.returncode == 1 and "doomed" in gone.stderr
+    r = server.get("doomed")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "no_such_app", r.text
+    wait_until(lambda: not process_alive(pid), 30, what="the instance to stop")
+    assert not (server.data_dir / "deployments" / out["deployment_id"]).exists()
+    assert not (server.data_dir / "logs" / out["app_id"]).exists()
+    with server.api(deploy_token) as api:
+        assert api.get(f"/apps/{out['app_id']}").status_code == 401  # its deploy tokens are revoked
+
+    # The name is free again: a push makes a new app.
+    again = push(server, project, "doomed")
+    assert again["app_id"] != out["app_id"]
+    assert server.get("doomed").json() == {"version": "doomed"}
+    assert server.cli_json("delete", "doomed") == {
+        "deleted": True,
+        "app_id": again["app_id"],
+        "app": "doomed",
+    }
+    assert server.get("doomed").status_code == 404
+
+
+def test_health_path_set_through_the_api_is_what_verification_asks(server: Server, workdir: Path) -> None:
+    project = workdir / "probed"
+    project.mkdir()
+    (project / "main.py").write_text(
+        "from fastapi import FastAPI\n\napp = FastAPI()\nhits = {'n': 0}\n\n\n"
+        "@app.get('/healthz')\ndef healthz() -> dict[str, bool]:\n"
+        "    hits['n'] += 1\n    return {'ok': True}\n\n\n"
+        "@app.get('/hits')\ndef count() -> dict[str, int]:\n    return hits\n"
+    )
+    first = push(server, project, "probed")
+    assert server.get("probed", "/hits").json() == {"n": 0}  # verified on "/", the default
+    with server.api() as api:
+        r = api.patch(f"/apps/{first['app_id']}", json={"health_path": "/healthz"})
+    assert r.status_code == 200 and r.json()["health_path"] == "/healthz", r.text
+    second = push(server, project, "probed")
+    assert server.get("probed", "/hits").json()["n"] >= 1
+    assert "lifespan finished and /healthz answered" in build_log(server, second["deployment_id"])
+
+
 # -- bad uploads --------------------------------------------------------------------------------------
 
 

@@ -1053,20 +1053,73 @@ async def test_stop_lets_in_flight_requests_finish(apps: tuple[AppServer, AppSer
 
 async def test_on_request_done_and_stats(apps: tuple[AppServer, AppServer]) -> None:
     a, _ = apps
-    done: list[tuple[str, str | None, int, float]] = []
+    done: list[dict[str, Any]] = []
+
+    def hook(app_id: str, info: Any, now: float) -> None:
+        head = info.head
+        done.append(
+            {
+                "app": app_id,
+                "upstream": info.upstream_id,
+                "status": info.status,
+                "method": info.method,
+                "path": head.path,
+                "trace": head.trace_id,
+                "span": head.span_id,
+                "parent": head.parent_span_id,
+                "duration": now - info.started,
+                "upstream_time": now - info.attached_at if info.attached_at else None,
+                "sent": info.sent,
+                "received": info.received,
+            }
+        )
+
     async with running() as router, client(router) as http:
-        router.on_request_done = lambda *args: done.append(args)
+        router.on_request_done = hook
         router.set_app(HOST, "app-1", [a.upstream()])
-        await http.get("/")
+        ok = await http.post("/echo?x=1", content=b"12345")
         router.set_app("dead.test", "app-2", [Upstream(id="dead-1", host="127.0.0.1", port=free_port())])
-        await http.get("/", headers={"Host": "dead.test"})
-        assert [(app, up, status) for app, up, status, _ in done] == [
-            ("app-1", "a", 200),
-            ("app-2", "dead-1", 502),
+        parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        dead = await http.get("/nowhere", headers={"Host": "dead.test", "traceparent": parent})
+        assert [(d["app"], d["upstream"], d["status"], d["method"], d["path"]) for d in done] == [
+            ("app-1", "a", 200, b"POST", b"/echo"),
+            ("app-2", "dead-1", 502, b"GET", b"/nowhere"),
         ]
-        assert all(duration >= 0 for *_, duration in done)
+        first, second = done
+        assert first["duration"] >= first["upstream_time"] >= 0
+        assert first["received"] == 5 and first["sent"] > len(ok.content)
+        assert second["upstream_time"] is None and second["sent"] == 0  # no connection: never sent
+        # The trace: a new one for the first request, the client's for the second, and its id answered.
+        assert len(first["trace"]) == 32 and first["parent"] == b""
+        assert ok.headers["x-trace-id"] == first["trace"].decode()
+        assert second["trace"] == b"0af7651916cd43dd8448eb211c80319c"
+        assert second["parent"] == b"b7ad6b7169203331" and len(second["span"]) == 16
+        assert dead.headers["x-trace-id"] == "0af7651916cd43dd8448eb211c80319c"
         assert (router.stats["app-1"].requests, router.stats["app-1"].errors) == (1, 0)
         assert (router.stats["app-2"].requests, router.stats["app-2"].errors) == (1, 1)
+
+
+async def test_traceparent_sent_to_the_instance(apps: tuple[AppServer, AppServer]) -> None:
+    """The instance sees the router's edge span as its parent, in the client's trace or a new one."""
+    a, _ = apps
+    spans: list[tuple[bytes, bytes]] = []
+    async with running() as router, client(router) as http:
+        router.on_request_done = lambda app_id, info, now: spans.append(
+            (info.head.trace_id, info.head.span_id)
+        )
+        router.set_app(HOST, "app-1", [a.upstream()])
+        async def seen(**headers: str) -> dict[str, str]:
+            return dict((await http.get("/headers", headers=headers)).json()["headers"])
+
+        fresh = await seen()
+        joined = await seen(traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")
+        bad = await seen(traceparent="00-zz-00f067aa0ba902b7-01")
+        for seen, (trace, span) in zip((fresh, joined, bad), spans, strict=True):
+            assert seen["traceparent"] == f"00-{trace.decode()}-{span.decode()}-01"
+        assert spans[1][0] == b"4bf92f3577b34da6a3ce929d0e0e4736"
+        assert spans[2][0] != b"4bf92f3577b34da6a3ce929d0e0e4736" and len(spans[2][0]) == 32
+        # The request id doubles as the trace id when the client sent neither.
+        assert fresh["x-request-id"] == spans[0][0].decode()
 
 
 # -- edges: flow control, early answers, stalls, stale connections ----------------------------------

@@ -10,10 +10,12 @@ are exactly as before, and every mutating call is in the audit log with its acto
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
+from control_plane.otlp import SpanData
 from tests import test_roles
 from tests.test_api import ADMIN, Env
 from tests.test_roles import make_team, make_user
@@ -76,6 +78,7 @@ async def snapshot(env: Env, b: dict[str, str], b_token: str) -> list[Any]:
         f"/deployments/{b['deployment_id']}",
         f"/admin/users/{b['user_id']}",
         f"/admin/teams/{b['team_id']}/quota",
+        f"/traces/{b['trace_id']}",
     ):
         r = await env.get(path)
         assert r.status_code == 200, (path, r.text)
@@ -104,12 +107,29 @@ async def test_team_a_gets_404_on_every_team_b_resource(env: Env) -> None:
     b_user_token_id = next(
         t["id"] for t in (await env.get("/tokens/", b_token)).json()["data"] if t["current"]
     )
+    b_trace = "b0" * 16  # a trace of B's app, as its instances would send it
+    now = time.time_ns()
+    env.platform.traces.ingest(
+        b_app["id"],
+        [
+            SpanData(
+                trace_id=b_trace,
+                span_id="b1" * 8,
+                parent_span_id="",
+                name="GET /",
+                kind=2,
+                start_ns=now,
+                end_ns=now + 1000,
+            )
+        ],
+    )
     ids = {
         "team_id": b_team,
         "app_id": b_app["id"],
         "deployment_id": b_dep["id"],
         "user_id": b_user,
         "token_id": b_deploy["id"],
+        "trace_id": b_trace,
     }
     b_secrets = {*ids.values(), b_user_token_id, b_app["slug"], "owner@b.test", "b-secret-value"}
 

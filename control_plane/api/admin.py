@@ -12,7 +12,7 @@ import os
 import platform as pyplatform
 import shutil
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
@@ -27,7 +27,7 @@ from control_plane.models import ApiToken, App, AuditEntry, EnvVar, Membership, 
 from control_plane.permissions import Role, RoleName
 from control_plane.platform_settings import PlatformSettings, PlatformSettingsUpdate, QuotaLimits
 from control_plane.security import hash_token, issue_user_token, require_platform_admin, revoke_user_tokens
-from control_plane.serializers import ts
+from control_plane.serializers import AppOut, Shape, ts
 
 
 def admin_user(principal: PrincipalDep) -> User:
@@ -161,6 +161,58 @@ class AuditList(BaseModel):
 class RotationOut(BaseModel):
     rotated: int
     keys: int
+
+
+class AdminAppOut(AppOut):
+    team_slug: str | None
+
+
+class AdminAppList(BaseModel):
+    data: list[AdminAppOut]
+    count: int
+
+
+class NodeOut(Shape):
+    """One machine the backend runs instances on."""
+
+    hostname: str
+    os: str
+    python: str
+    cpus: int | None
+    load_average: list[float] | None
+    """1, 5 and 15 minutes."""
+    memory_total_bytes: int | None
+    memory_available_bytes: int | None
+    disk_total_bytes: int
+    """Of the data directory's file system (so are the free bytes)."""
+    disk_free_bytes: int
+
+
+class BackendStatus(Shape):
+    name: str
+    instances: dict[str, int]
+    """Instances by state."""
+    nodes: list[NodeOut]
+
+
+class RouterStatus(Shape):
+    host: str
+    port: int
+
+
+class PlatformStatus(Shape):
+    ready: bool
+    backend: BackendStatus
+    router: RouterStatus
+    database: Literal["sqlite", "postgresql"]
+    apps: int
+    apps_serving: int
+    teams: int
+    users: int
+    env_vars: int
+    secret_keys: int
+    """Keys that decrypt env values (the first encrypts)."""
+    data_dir: str
 
 
 # -- users -----------------------------------------------------------------------------------------------
@@ -370,7 +422,7 @@ def set_team_quota(
 # -- apps, status, settings ----------------------------------------------------------------------------------
 
 
-@router.get("/apps")
+@router.get("/apps", response_model=AdminAppList)
 def list_all_apps(
     platform: PlatformDep,
     session: SessionDep,
@@ -415,7 +467,7 @@ def _node(data_dir: str) -> dict[str, Any]:
     }
 
 
-@router.get("/status")
+@router.get("/status", response_model=PlatformStatus)
 async def status(platform: PlatformDep) -> dict[str, Any]:
     """The backend, this node, the database and what runs: instances by state, apps serving."""
 

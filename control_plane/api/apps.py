@@ -8,7 +8,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
@@ -19,9 +19,10 @@ from control_plane.models import App, Deployment, EnvVar, utcnow
 from control_plane.permissions import Action
 from control_plane.platform import Platform
 from control_plane.security import get_app, get_team, require_user, team_ids
-from control_plane.serializers import app_out, deployment_out
+from control_plane.serializers import AppList, AppOut, DeploymentOut, app_out, deployment_out
 from control_plane.statuses import IN_PROGRESS
 from control_plane.statuses import DeploymentStatus as S
+from runtime.detect import HEALTH_PATH_PATTERN, MAX_HEALTH_PATH, check_health_path
 
 router = APIRouter()
 
@@ -67,9 +68,21 @@ class AppCreate(BaseModel):
 
 
 class AppUpdate(BaseModel):
+    """What ``PATCH /apps/{id}`` changes: only the fields sent (the official CLI sends ``directory``)."""
+
     directory: str | None = None
+    health_path: str | None = Field(
+        None, max_length=MAX_HEALTH_PATH, json_schema_extra={"pattern": HEALTH_PATH_PATTERN}
+    )
+    """The path verification and health checks ask, from the next deployment on (a project's
+    ``[tool.fastapi-deploy] health_path`` overrides it when it is pushed); null: back to ``/``."""
 
     _dir = field_validator("directory")(classmethod(lambda cls, v: validate_directory(v)))
+
+    @field_validator("health_path")
+    @classmethod
+    def _health_path(cls, v: str | None) -> str | None:
+        return None if v is None else check_health_path(v)
 
 
 class RollbackRequest(BaseModel):
@@ -95,7 +108,7 @@ def render_app(platform: Platform, session: Session, app: App) -> dict[str, Any]
 # -- apps ----------------------------------------------------------------------------------------
 
 
-@router.get("/apps/")
+@router.get("/apps/", response_model=AppList)
 def list_apps(
     platform: PlatformDep,
     session: SessionDep,
@@ -115,7 +128,7 @@ def list_apps(
     return {"data": [render_app(platform, session, a) for a in apps], "count": count}
 
 
-@router.post("/apps/", status_code=201)
+@router.post("/apps/", status_code=201, response_model=AppOut)
 def create_app(
     body: AppCreate, request: Request, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
 ) -> dict[str, Any]:
@@ -144,20 +157,22 @@ def create_app(
     return render_app(platform, session, app)
 
 
-@router.get("/apps/{app_id}")
+@router.get("/apps/{app_id}", response_model=AppOut)
 def read_app(
     app_id: str, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     return render_app(platform, session, get_app(session, principal, app_id, action=Action.APP_READ))
 
 
-@router.patch("/apps/{app_id}")
+@router.patch("/apps/{app_id}", response_model=AppOut)
 def update_app(
     app_id: str, body: AppUpdate, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     app = get_app(session, principal, app_id, action=Action.APP_UPDATE)
     if "directory" in body.model_fields_set:
         app.directory = body.directory
+    if "health_path" in body.model_fields_set:
+        app.health_path = body.health_path or "/"
     app.updated_at = utcnow()
     session.add(app)
     session.commit()
@@ -231,7 +246,7 @@ def new_release(platform: Platform, session: Session, app: App, kind: str, sourc
     return dep
 
 
-@router.post("/apps/{app_id}/rollback")
+@router.post("/apps/{app_id}/rollback", response_model=DeploymentOut)
 async def rollback(
     app_id: str, platform: PlatformDep, principal: PrincipalDep, body: RollbackRequest | None = None
 ) -> dict[str, Any]:
@@ -252,6 +267,16 @@ async def rollback(
                         "only successful ones can serve.",
                         title="Cannot roll back to a failed deployment",
                         hint="`fastapi-deploy deployments APP` lists them with their status.",
+                    )
+                artifact = s.get(Deployment, target.source_deployment_id or target.id)
+                if target.artifact_pruned or artifact is None or artifact.artifact_pruned:
+                    keep = platform.settings.keep_deployments
+                    raise Conflict(
+                        f"The build of deployment {target.slug} is no longer kept: only the newest {keep} "
+                        "successful builds of an app are kept for rollback.",
+                        title="Build no longer kept",
+                        hint="Roll back to a newer deployment (`fastapi-deploy deployments APP` shows which "
+                        "are kept), or push that version of the code again.",
                     )
             else:
                 candidates = s.exec(
@@ -282,7 +307,7 @@ async def rollback(
     return deployment_out(dep, app, platform.settings)
 
 
-@router.post("/apps/{app_id}/redeploy")
+@router.post("/apps/{app_id}/redeploy", response_model=DeploymentOut)
 async def redeploy(app_id: str, platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
     def create() -> tuple[Deployment, App]:
         with platform.db.session() as s:

@@ -46,19 +46,47 @@ class LoginRequest(BaseModel):
     password: str = Field(min_length=1, max_length=passwords.MAX_LENGTH)
 
 
-class LoginResponse(BaseModel):
-    access_token: str
-    token_type: str = "bearer"
-    expires_in: int
-    """Seconds until the token expires."""
-    user: dict[str, Any]
-
-
 class Me(BaseModel):
     id: str
     email: str
     name: str
     is_admin: bool
+
+
+class LoginResponse(BaseModel):
+    access_token: str
+    token_type: str = "bearer"
+    expires_in: int
+    """Seconds until the token expires."""
+    user: Me
+
+
+class DeviceAuthorization(BaseModel):
+    """RFC 8628's device authorization response, as the official CLI reads it."""
+
+    device_code: str
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str
+    """The approval page with the code filled in: what the CLI opens."""
+    expires_in: int
+    interval: int
+    """Seconds between polls."""
+
+
+class DeviceToken(BaseModel):
+    access_token: str
+    token_type: str
+    expires_in: int
+    """Seconds until the token expires (the official CLI stores the moment)."""
+
+
+class OAuthError(BaseModel):
+    """A device-token 400: ``error`` is ``authorization_pending``, ``access_denied``, ``expired_token``
+    or ``invalid_grant``."""
+
+    error: str
+    detail: str
 
 
 def _user_out(user: User) -> dict[str, Any]:
@@ -99,10 +127,12 @@ def login(
     ttl = timedelta(seconds=platform.settings.login_token_ttl)
     token = issue_user_token(session, user, "password login", ttl=ttl)
     session.commit()
-    return LoginResponse(access_token=token, expires_in=int(ttl.total_seconds()), user=_user_out(user))
+    return LoginResponse(
+        access_token=token, expires_in=int(ttl.total_seconds()), user=Me.model_validate(_user_out(user))
+    )
 
 
-@router.post("/login/device/authorization")
+@router.post("/login/device/authorization", response_model=DeviceAuthorization)
 def device_authorization(
     request: Request,
     platform: PlatformDep,
@@ -137,7 +167,7 @@ def _oauth_error(error: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=400)
 
 
-@router.post("/login/device/token", response_model=None)
+@router.post("/login/device/token", response_model=DeviceToken, responses={400: {"model": OAuthError}})
 def device_token(
     request: Request,
     platform: PlatformDep,

@@ -51,6 +51,19 @@ class EnvBatch(BaseModel):
         return v
 
 
+class EnvVarOut(BaseModel):
+    """FastAPI Cloud's EnvVar: a secret's ``value`` is always null."""
+
+    name: str
+    value: str | None
+    is_secret: bool
+    updated_at: str | None
+
+
+class EnvVarList(BaseModel):
+    data: list[EnvVarOut]
+
+
 def _list(session: Session, app_id: str, platform: Platform) -> dict[str, Any]:
     rows = session.exec(select(EnvVar).where(EnvVar.app_id == app_id).order_by(col(EnvVar.name))).all()
     return {
@@ -66,7 +79,7 @@ def _list(session: Session, app_id: str, platform: Platform) -> dict[str, Any]:
     }
 
 
-@router.get("/apps/{app_id}/environment-variables/")
+@router.get("/apps/{app_id}/environment-variables/", response_model=EnvVarList)
 def list_env(
     app_id: str, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
 ) -> dict[str, Any]:
@@ -74,7 +87,7 @@ def list_env(
     return _list(session, app.id, platform)
 
 
-@router.put("/apps/{app_id}/environment-variables/")
+@router.put("/apps/{app_id}/environment-variables/", response_model=EnvVarList)
 async def update_env(
     app_id: str, body: EnvBatch, platform: PlatformDep, principal: PrincipalDep
 ) -> dict[str, Any]:

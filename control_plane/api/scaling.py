@@ -17,7 +17,7 @@ from control_plane.models import App, Team, utcnow
 from control_plane.permissions import Action
 from control_plane.platform import Platform
 from control_plane.security import get_app
-from control_plane.serializers import ts
+from control_plane.serializers import Shape, ts
 
 router = APIRouter()
 
@@ -28,6 +28,56 @@ class ScalingUpdate(BaseModel):
     target_concurrency: float | None = Field(None, gt=0, le=100_000)
     prewarm: int | None = Field(None, ge=0, le=100)
     scale_to_zero_after: float | None = Field(None, ge=1, le=7 * 86400)
+
+
+class ScalingNow(Shape):
+    """What the autoscaler sees and decided for the serving revision."""
+
+    deployment_id: str
+    serving: int
+    warm: int
+    starting: int
+    desired_serving: int | None
+    desired_warm: int | None
+    panic: bool
+    reason: str | None
+    """The policy's own sentence for its last decision."""
+    stable_concurrency: float | None
+    panic_concurrency: float | None
+    forecast_concurrency: float | None
+    """The weekly forecast's concurrency for now (null: no history yet)."""
+    predicted_instances: float | None
+    pool_hits: int
+    instances_started: int
+    instances_stopped: int
+    cold_starts: int
+    queued_total: int
+    queue_wait_seconds: float
+
+
+class ScalingOut(Shape):
+    min_instances: int
+    max_instances: int
+    target_concurrency: float
+    prewarm: int
+    scale_to_zero_after: float
+    stable_window: float
+    panic_window: float
+    current: ScalingNow | None
+    """Null while no revision serves."""
+
+
+class EventOut(BaseModel):
+    id: str
+    at: str
+    kind: str
+    """``instance``, ``scale`` or ``deploy``."""
+    message: str
+    data: dict[str, Any]
+
+
+class EventList(BaseModel):
+    data: list[EventOut]
 
 
 def scaling_out(platform: Platform, app: App) -> dict[str, Any]:
@@ -70,14 +120,14 @@ def scaling_out(platform: Platform, app: App) -> dict[str, Any]:
     }
 
 
-@router.get("/apps/{app_id}/scaling")
+@router.get("/apps/{app_id}/scaling", response_model=ScalingOut)
 def read_scaling(
     app_id: str, platform: PlatformDep, session: SessionDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     return scaling_out(platform, get_app(session, principal, app_id, action=Action.APP_MONITOR))
 
 
-@router.patch("/apps/{app_id}/scaling")
+@router.patch("/apps/{app_id}/scaling", response_model=ScalingOut)
 async def update_scaling(
     app_id: str, body: ScalingUpdate, platform: PlatformDep, principal: PrincipalDep
 ) -> dict[str, Any]:
@@ -108,7 +158,7 @@ async def update_scaling(
     return scaling_out(platform, app)
 
 
-@router.get("/apps/{app_id}/events")
+@router.get("/apps/{app_id}/events", response_model=EventList)
 async def list_events(
     app_id: str,
     platform: PlatformDep,

@@ -20,6 +20,7 @@ from control_plane.api.deps import MAX_SKIP, PlatformDep, PrincipalDep, SessionD
 from control_plane.errors import Conflict, Forbidden, NotFound
 from control_plane.models import App, Membership, Team, TeamQuota, User
 from control_plane.permissions import Action, Role, RoleName, may_assign
+from control_plane.platform_settings import QuotaLimits
 from control_plane.security import Principal, get_team, require_user, role_in, team_ids
 
 router = APIRouter()
@@ -79,12 +80,29 @@ class MemberUpdate(BaseModel):
     role: RoleName
 
 
+class QuotaUsage(BaseModel):
+    """What the team uses now (``control_plane/quotas.py``)."""
+
+    apps: int
+    instances_floor: int
+    """Sum of its apps' ``min_instances + prewarm``."""
+    instances_ceiling: int
+    """The largest ``max_instances`` of its apps."""
+    cpu: float
+    memory_mb: int
+    build_minutes: float
+    """This calendar month (UTC)."""
+    storage_bytes: int
+
+
 class QuotaReport(BaseModel):
     team_id: str
-    limits: dict[str, float | int | None]
+    limits: QuotaLimits
+    """The limits in force (the team's own, else the platform default); null: none."""
     overrides: dict[str, float | int | None]
+    """The team's own values (null or absent: the platform default)."""
     instance_cap: int | None
-    usage: dict[str, float | int]
+    usage: QuotaUsage
 
 
 def slugify(name: str) -> str:

@@ -31,6 +31,29 @@ class UserTokenCreate(BaseModel):
     """None: the token does not expire (revoke it when done)."""
 
 
+class DeployTokenOut(BaseModel):
+    """FastAPI Cloud's deploy token (``id``, ``name``, ``created_at``, ``expired_at``: all strings), plus
+    when it was last used."""
+
+    id: str
+    name: str
+    created_at: str
+    expired_at: str
+    last_used_at: str | None
+
+
+class DeployTokenList(BaseModel):
+    data: list[DeployTokenOut]
+
+
+class DeployTokenCreated(BaseModel):
+    id: str
+    name: str
+    expired_at: str
+    value: str
+    """The token itself: shown only in this answer."""
+
+
 class UserTokenOut(BaseModel):
     id: str
     name: str
@@ -56,7 +79,7 @@ class UserTokenCreated(BaseModel):
 # -- deploy tokens (FastAPI Cloud: /apps/{id}/tokens) ---------------------------------------------------
 
 
-@router.get("/apps/{app_id}/tokens")
+@router.get("/apps/{app_id}/tokens", response_model=DeployTokenList)
 def list_tokens(app_id: str, session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
     app = get_app(session, principal, app_id, action=Action.TOKENS_MANAGE)
     rows = session.exec(
@@ -78,7 +101,7 @@ def list_tokens(app_id: str, session: SessionDep, principal: PrincipalDep) -> di
     }
 
 
-@router.post("/apps/{app_id}/tokens", status_code=201)
+@router.post("/apps/{app_id}/tokens", status_code=201, response_model=DeployTokenCreated)
 def create_token(
     app_id: str, body: TokenCreate, session: SessionDep, principal: PrincipalDep, limits: LimitsDep
 ) -> dict[str, Any]:

@@ -52,6 +52,22 @@ class IllegalTransition(Exception):
     pass
 
 
+PLATFORM_ENV = frozenset(
+    {
+        "FASTAPI_DEPLOY_APP_NAME",
+        "FASTAPI_DEPLOY_OTLP_ENDPOINT",
+        "FASTAPI_DEPLOY_TELEMETRY_TOKEN",
+        "FASTAPI_DEPLOY_TRACE_SAMPLE",
+        "FASTAPI_DEPLOY_TRACE_SLOW_MS",
+        "FASTAPI_DEPLOY_OTEL_PATH",
+        "FASTAPI_DEPLOY_OTEL_VERSION",
+    }
+)
+"""``FASTAPI_DEPLOY_*`` variables of :attr:`InstanceSpec.env` that the control plane sets (tracing:
+``runtime/instrument.py``) and every backend passes on; any other ``FASTAPI_DEPLOY_*`` name there is the
+backend's own to set, and a backend may drop it."""
+
+
 @dataclass(frozen=True)
 class InstanceSpec:
     """What to run: one revision (deployment) of one app."""

@@ -43,7 +43,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from runtime.backends.base import ExitCallback, Instance, InstanceSpec, InstanceState, LogRecord, LogSink
+from runtime.backends.base import (
+    PLATFORM_ENV,
+    ExitCallback,
+    Instance,
+    InstanceSpec,
+    InstanceState,
+    LogRecord,
+    LogSink,
+)
 from runtime.errors import BuildError, BuildTimeout, DeployError, VerifyError
 from runtime.health import Unhealthy, is_healthy, probe, wait_healthy
 from runtime.images import CONTAINER_PORT, LABEL, BuildLimits, Log
@@ -241,7 +249,7 @@ class DockerBackend:
         env = {
             k: v
             for k, v in spec.env.items()
-            if k not in _RESERVED_ENV and not k.startswith("FASTAPI_DEPLOY_")
+            if k not in _RESERVED_ENV and (not k.startswith("FASTAPI_DEPLOY_") or k in PLATFORM_ENV)
         }
         env.update(
             FASTAPI_DEPLOY_APP_ID=spec.app_id,
@@ -297,6 +305,12 @@ class DockerBackend:
         bindings = (attrs["NetworkSettings"].get("Ports") or {}).get(_PORT) or []
         if bindings:
             instance.port = int(bindings[0]["HostPort"])
+
+    def gateway(self) -> str | None:
+        """The instances' network's gateway: the host's address as the containers see it (blocking;
+        creates the network on first use). None on the engine's default bridge."""
+        self._ensure_network()
+        return self._gateway
 
     def _ensure_network(self) -> None:
         if self._network_ready or not self.network:

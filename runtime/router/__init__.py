@@ -20,7 +20,24 @@ latency is decided by connection policy (greedy accept, pooled upstream connecti
 cap, queueing instead of connect bursts), the CPU per request by the Python on the request path.
 """
 
-from ._config import AppStats, QueueHook, RequestDoneHook, RouterConfig, Upstream
+from ._config import (
+    AppStats,
+    QueueHook,
+    RequestDoneHook,
+    RequestHeadInfo,
+    RequestInfo,
+    RouterConfig,
+    Upstream,
+)
 from ._router import Router
 
-__all__ = ["AppStats", "QueueHook", "RequestDoneHook", "Router", "RouterConfig", "Upstream"]
+__all__ = [
+    "AppStats",
+    "QueueHook",
+    "RequestDoneHook",
+    "RequestHeadInfo",
+    "RequestInfo",
+    "Router",
+    "RouterConfig",
+    "Upstream",
+]

@@ -4,10 +4,57 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-#: ``on_request_done(app_id, upstream_id, status, duration_s)``: called once per request that was routed
-#: to an app (``upstream_id`` is None when no instance was reached). Runs on the event loop: keep it cheap.
-RequestDoneHook = Callable[[str, "str | None", int, float], None]
+
+class RequestHeadInfo(Protocol):
+    """What the router parsed of a request head (bytes, as they came: no decoding per request)."""
+
+    path: bytes
+    """The request target without its query string."""
+    request_id: bytes
+    trace_id: bytes
+    """32 hex digits: the client's trace (``traceparent``) or one started by the router."""
+    span_id: bytes
+    """16 hex digits: the router's edge span, sent to the instance as the parent in ``traceparent``."""
+    parent_span_id: bytes
+    """The client's span, or ``b""`` when the trace started at the router."""
+
+
+class RequestInfo(Protocol):
+    """One finished request, as ``on_request_done`` sees it. Times are ``time.monotonic()`` seconds."""
+
+    @property
+    def head(self) -> RequestHeadInfo | None:
+        """None only for requests that failed before their head was parsed (never routed)."""
+
+    method: bytes
+    status: int
+    """The status the client got (499: the client went away first)."""
+    upstream_id: str | None
+    """The instance that served it (the last one tried), None when none was reached."""
+    started: float
+    """When the request head was parsed."""
+    attached_at: float
+    """When it was sent to an instance (0.0: never)."""
+    waited: float
+    """Seconds in the app's queue, or -1.0 if it never waited."""
+    cold: bool
+    """It arrived while the app had no instance at all."""
+    retried: bool
+    """Sent a second time after a pooled connection turned out closed."""
+    broken: bool
+    """The response was cut off mid-way."""
+    received: int
+    """Request body bytes from the client."""
+    sent: int
+    """Response bytes from the instance (head and body)."""
+
+
+#: ``on_request_done(app_id, info, now)``: called once per request that was routed to an app, when it
+#: finished. ``info`` is only valid during the call (it is the router's own record: read what you need,
+#: keep nothing). Runs on the event loop, once per request: keep it cheap.
+RequestDoneHook = Callable[[str, RequestInfo, float], None]
 
 #: ``on_queue(app_id)``: a request started waiting in the app's queue (the app has no instance), so the
 #: control plane can start capacity at once. Runs on the event loop, once per queued request: keep it cheap.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from ._connections import connection_free, request_connection
@@ -33,11 +34,13 @@ REQ_CHUNKED = 2  # re-chunked as they come (httptools hands over decoded chunk d
 REQ_RAW = 3  # after an Upgrade request head: everything the client sends, untouched
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_now = time.monotonic
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
 class Exchange:
     __slots__ = (
+        "attached_at",
         "body",
         "broken",
         "buffer",
@@ -61,6 +64,7 @@ class Exchange:
         "responded",
         "response_done",
         "retried",
+        "sent",
         "started",
         "status",
         "timer",
@@ -93,7 +97,9 @@ class Exchange:
         self.body = body
         self.buffer: list[bytes] | None = None
         self.buffered = 0
-        self.received = 0
+        self.received = 0  # request body bytes from the client
+        self.sent = 0  # response bytes from the instance (head and body, as they came)
+        self.attached_at = 0.0  # when the request went to an instance (0: never)
         self.request_done = False
         self.pool: AppPool | None = None
         self.inst: Instance | None = None  # holds an in-flight slot while set
@@ -108,9 +114,8 @@ class Exchange:
         self.tried: list[Instance] | None = None
         self.failures: list[str] | None = None
         self.error: tuple[str, str] | None = None  # answer this instead of proxying, in its turn
-        loop = client.state.loop
-        assert loop is not None
-        self.started = loop.time()
+        # time.monotonic, not loop.time(): uvloop's clock ticks in milliseconds, too coarse for latencies
+        self.started = _now()
 
     # -- routing
 
@@ -228,6 +233,8 @@ class Exchange:
         self.up = conn
         head = self.head
         assert head is not None
+        if not self.attached_at:
+            self.attached_at = _now()
         buffer = self.buffer
         if not buffer and (self.body != REQ_CHUNKED or not self.request_done):
             conn.attach(self, head.data)  # the usual case: nothing but the head to send yet
@@ -326,7 +333,7 @@ class Exchange:
             no_body=no_body,
             keep_alive=keep_alive,
             http10=self.http10,
-            extra=self._queue_headers() if self.waited >= 0 else b"",
+            extra=self._extra_headers(),
         )
         self.keep_alive = keep_alive and mode != BODY_CLOSE
         self.status = status
@@ -405,7 +412,7 @@ class Exchange:
             http10=self.http10,
             head_only=self.method == b"HEAD",
             retry_after=retry_after,
-            extra=self._queue_headers() if self.waited >= 0 else b"",
+            extra=self._extra_headers(),
         )
         self.keep_alive = keep_alive
         self.responded = self.response_done = True
@@ -416,9 +423,16 @@ class Exchange:
         if self.request_done or not keep_alive:
             self._finish()
 
-    def _queue_headers(self) -> bytes:
+    def _extra_headers(self) -> bytes:
+        """``X-Trace-Id`` (find the request's trace), and how it waited if it did."""
+        head = self.head
+        trace = b"" if head is None else b"X-Trace-Id: %s\r\n" % head.trace_id
+        if self.waited < 0:
+            return trace
         ms = round(self.waited * 1000)
-        return b"X-Queue-Time: %d\r\nX-Cold-Start: 1\r\n" % ms if self.cold else b"X-Queue-Time: %d\r\n" % ms
+        if self.cold:
+            return trace + b"X-Queue-Time: %d\r\nX-Cold-Start: 1\r\n" % ms
+        return trace + b"X-Queue-Time: %d\r\n" % ms
 
     def _detach(self, *, graceful: bool = False) -> None:
         """Let go of the queue slot, the upstream connection and the in-flight slot, whichever are held."""
@@ -457,10 +471,8 @@ class Exchange:
                 stats.errors += 1
             hook = self.client.state.on_request_done
             if hook is not None:
-                loop = self.client.state.loop
-                assert loop is not None
                 try:
-                    hook(pool.app_id, self.upstream_id, self.status, loop.time() - self.started)
+                    hook(pool.app_id, self, _now())
                 except Exception:
                     logger.exception("router: on_request_done hook failed")
         self.client.exchange_done(self)

@@ -26,6 +26,7 @@ _CONTENT_LENGTH = 6
 _FORWARDED_FOR = 7
 _REQUEST_ID = 8
 _EXPECT = 9  # the router answers 100-continue itself once an instance is ready
+_TRACEPARENT = 10  # W3C trace context: the client's trace continues, with the router's edge span in it
 
 _REQUEST_HEADERS = {
     b"host": _HOST,
@@ -36,6 +37,7 @@ _REQUEST_HEADERS = {
     b"upgrade": _UPGRADE,
     b"transfer-encoding": _TRANSFER_ENCODING,
     b"expect": _EXPECT,
+    b"traceparent": _TRACEPARENT,
     b"keep-alive": _DROP,
     b"te": _DROP,
     b"trailer": _DROP,
@@ -53,9 +55,14 @@ _RESPONSE_HEADERS = {
     b"x-request-id": _DROP,
     b"x-queue-time": _DROP,  # the router's to say
     b"x-cold-start": _DROP,
+    b"x-trace-id": _DROP,
 }
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
+# version-traceid-parentid-flags (W3C Trace Context §3.2); version ff is invalid, all-zero ids too.
+_TRACEPARENT_RE = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE = b"0" * 32
+_ZERO_SPAN = b"0" * 16
 
 # How the response body travels to the client.
 BODY_NONE = 0  # HEAD, 1xx, 204, 304: nothing follows the head
@@ -71,7 +78,19 @@ class BadRequest(Exception):
 class RequestHead:
     """A client request head rewritten for the upstream, plus what the router needs to know about it."""
 
-    __slots__ = ("chunked", "connection", "content_length", "data", "expect_continue", "host", "request_id")
+    __slots__ = (
+        "chunked",
+        "connection",
+        "content_length",
+        "data",
+        "expect_continue",
+        "host",
+        "parent_span_id",
+        "path",
+        "request_id",
+        "span_id",
+        "trace_id",
+    )
 
     def __init__(
         self,
@@ -82,6 +101,10 @@ class RequestHead:
         chunked: bool,
         expect: bool,
         connection: bool,
+        path: bytes,
+        trace_id: bytes,
+        span_id: bytes,
+        parent_span_id: bytes,
     ) -> None:
         self.data = data
         self.host = host  # the routing key
@@ -91,12 +114,33 @@ class RequestHead:
         self.expect_continue = expect
         self.connection = connection  # a Connection (or Proxy-*) header was there: llhttp's keep-alive
         # answer then says nothing about the HTTP version
+        self.path = path  # the target without its query string
+        self.trace_id = trace_id  # 32 hex digits: the client's trace, or a new one
+        self.span_id = span_id  # 16 hex digits: the router's edge span, the app's parent
+        self.parent_span_id = parent_span_id  # the client's span (b"" when the trace starts here)
 
 
 def new_request_id() -> bytes:
     """128 random bits in hex (32 characters, like ``uuid.uuid4().hex``), without uuid4's per-call
     ``os.urandom`` system call: an id needs to be unique, not secret."""
     return binascii.hexlify(random.randbytes(16))
+
+
+def new_span_id() -> bytes:
+    """64 random bits in hex: a span id (W3C Trace Context's parent-id)."""
+    return binascii.hexlify(random.randbytes(8))
+
+
+def parse_traceparent(value: bytes) -> tuple[bytes, bytes] | None:
+    """(trace id, parent span id) of a valid ``traceparent`` header value, else None (the trace then
+    starts at the router, as the spec says a receiver does with an invalid one)."""
+    match = _TRACEPARENT_RE.fullmatch(value.strip().lower())
+    if match is None or match.group(1) == b"ff":
+        return None
+    trace_id, parent = match.group(2), match.group(3)
+    if trace_id == _ZERO_TRACE or parent == _ZERO_SPAN:
+        return None
+    return trace_id, parent
 
 
 @functools.lru_cache(maxsize=1024)  # a few distinct Host values carry nearly all requests
@@ -133,7 +177,7 @@ def rewrite_request(
     ``X-Request-ID``; the original ``Host`` is kept (apps check it). Raises `BadRequest`."""
     out = [b"%s %s HTTP/1.1\r\n" % (method, url)]
     host: bytes | None = None
-    forwarded_for = request_id = upgrade_to = transfer_encoding = b""
+    forwarded_for = request_id = upgrade_to = transfer_encoding = traceparent = b""
     connection_tokens: list[bytes] | None = None
     length = -1
     expect = proxy = False
@@ -169,6 +213,8 @@ def rewrite_request(
             transfer_encoding = value
         elif kind == _EXPECT:
             expect = value.lower() == b"100-continue"
+        elif kind == _TRACEPARENT:
+            traceparent = value  # replaced below: the app's parent is the router's edge span
 
     if url[:1] != b"/" and url != b"*" and method != b"CONNECT":
         # absolute-form (RFC 7230 §5.3.2): the URL's authority wins over the Host header
@@ -191,10 +237,19 @@ def rewrite_request(
             out = _without(out, extra)
 
     client = forwarded_for + b", " + client_ip if forwarded_for else client_ip
-    request_id = request_id or new_request_id()
+    parent = parse_traceparent(traceparent) if traceparent else None
+    if request_id:
+        trace_id, parent_span_id = parent if parent is not None else (new_request_id(), b"")
+    else:
+        # One random id serves as both when the client sent neither.
+        request_id = new_request_id()
+        trace_id, parent_span_id = parent if parent is not None else (request_id, b"")
+    span_id = new_span_id()
+    # Always sampled (flags 01): the instance records every request and samples at the tail
+    # (errors, slow requests, and a share of the rest are kept; runtime/telemetry.py).
     out.append(
         b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\nX-Request-ID: %s\r\n"
-        % (client, host, request_id)
+        b"traceparent: 00-%s-%s-01\r\n" % (client, host, request_id, trace_id, span_id)
     )
     if upgrade:
         # The rest of the client's bytes are relayed raw, so its framing headers must stay as they were.
@@ -204,6 +259,7 @@ def rewrite_request(
     elif transfer_encoding:
         out.append(b"Transfer-Encoding: chunked\r\n")  # llhttp only accepts requests ending in chunked
     out.append(b"\r\n")
+    query = url.find(b"?")
     return RequestHead(
         b"".join(out),
         route_key(host),
@@ -212,6 +268,10 @@ def rewrite_request(
         bool(transfer_encoding),
         expect,
         connection_tokens is not None or proxy,
+        url if query < 0 else url[:query],
+        trace_id,
+        span_id,
+        parent_span_id,
     )
 
 

@@ -185,6 +185,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:  # bytes nobody asked for: this connection cannot be trusted any more
             self.abort()
             return
+        ex.sent += len(data)
         if self.tunnel:
             assert self.client_transport is not None
             self.client_transport.write(data)

@@ -1,0 +1,766 @@
+"""Tracing with no code changes, inside the instance: OpenTelemetry around the user's app.
+
+Loaded by the launcher (by path, not as a package: the app's own modules stay first on ``sys.path``) when
+the control plane set ``FASTAPI_DEPLOY_OTLP_ENDPOINT``. The OpenTelemetry packages come from the
+platform's layer (``FASTAPI_DEPLOY_OTEL_PATH``, built by ``runtime/otel_layer.py`` for the app's Python
+and for the app's own OpenTelemetry version when it ships one, as ``fastapi[standard]`` does), appended
+to ``sys.path`` after the app's own packages, so the app's copies win. A layer of another version than
+the app's is not used (two versions of the API in one namespace package would be worse than no traces).
+
+Three steps, because of fork templates (``launcher.py --template``)::
+
+    prepare()      before the app is imported: patch httpx, requests, SQLAlchemy, ... (no threads)
+    wrap(config)   after the import: the server-span middleware around the app
+    start()        in the serving process: the tracer provider, the tail sampler, the exporter thread
+
+The server span is the platform's own (:class:`ServerSpans`), not OpenTelemetry's ASGI instrumentation:
+per request it costs a header scan, a random id and a context variable; the span object is built only
+for traces that are kept. The spans of the libraries (a SQL query, an outgoing HTTP call) are the
+contrib instrumentations', recorded by the SDK as children of it.
+
+Sampling happens at the tail, per trace (:class:`TailSampler`): a trace is exported when a span failed
+or the response was a 5xx, the request took ``FASTAPI_DEPLOY_TRACE_SLOW_MS`` or more, or its id falls
+in ``FASTAPI_DEPLOY_TRACE_SAMPLE`` — the same ratio test on the trace id as the router's, so the edge
+span and the app's spans agree. Export is OTLP/HTTP protobuf over the standard library's ``urllib``
+(the layer brings no HTTP client into the app).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import itertools
+import os
+import random
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+# (module the app must have, instrumentor "module:Class"); each applied only when both import.
+_LIBRARIES = (
+    ("httpx", "opentelemetry.instrumentation.httpx:HTTPXClientInstrumentor"),
+    ("requests", "opentelemetry.instrumentation.requests:RequestsInstrumentor"),
+    ("sqlalchemy", "opentelemetry.instrumentation.sqlalchemy:SQLAlchemyInstrumentor"),
+    ("psycopg", "opentelemetry.instrumentation.psycopg:PsycopgInstrumentor"),
+    ("psycopg2", "opentelemetry.instrumentation.psycopg2:Psycopg2Instrumentor"),
+    ("asyncpg", "opentelemetry.instrumentation.asyncpg:AsyncPGInstrumentor"),
+    ("redis", "opentelemetry.instrumentation.redis:RedisInstrumentor"),
+)
+_MAX_PENDING_TRACES = 10_000
+_METRICS_SECONDS = 10.0  # how often the loop's lag histogram is sent
+_MAX_DECIDED = 20_000
+_MAX_DROPPED = 256  # dropped requests a block report can still bring back (the last few)
+_HEX = frozenset(b"0123456789abcdef")
+
+
+def _say(message: str) -> None:
+    print(f"fastapi-deploy: {message}", file=sys.stderr, flush=True)
+
+
+def _own_opentelemetry() -> str | None:
+    """The opentelemetry-api version the app's environment ships (looked up before the layer is added)."""
+    try:
+        from importlib.metadata import version
+
+        return version("opentelemetry-api")
+    except Exception:
+        return None
+
+
+class Telemetry:
+    """The instance's tracing: created by :func:`prepare`, None when tracing is off."""
+
+    def __init__(self, endpoint: str, token: str) -> None:
+        self.endpoint = endpoint
+        self.token = token
+        self.provider: Any = None
+        self.monitor: Any = None
+        self.late: Any = None
+        self.sampler: TailSampler | None = None
+        self.instrumented: list[str] = []
+
+    # -- step 2: the app ---------------------------------------------------------------------------
+
+    def wrap(self, config: Any) -> None:
+        """Put the server-span middleware around the loaded app (``uvicorn.Config`` after ``load()``)."""
+        config.loaded_app = ServerSpans(config.loaded_app, self)
+
+    # -- step 3: exporting -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+        env = os.environ
+        self.resource = Resource.create(
+            {
+                "service.name": env.get("FASTAPI_DEPLOY_APP_NAME") or env.get("FASTAPI_DEPLOY_APP_ID", "app"),
+                "service.instance.id": env.get("FASTAPI_DEPLOY_INSTANCE_ID", ""),
+                "fastapi_deploy.app_id": env.get("FASTAPI_DEPLOY_APP_ID", ""),
+                "fastapi_deploy.deployment_id": env.get("FASTAPI_DEPLOY_DEPLOYMENT_ID", ""),
+                "fastapi_deploy.instance_id": env.get("FASTAPI_DEPLOY_INSTANCE_ID", ""),
+            }
+        )
+        provider = TracerProvider(resource=self.resource, sampler=ALWAYS_ON)
+        # Small batches: the exporter thread encodes a batch holding the GIL, and a big one would stall
+        # the app's event loop for that long.
+        batch = BatchSpanProcessor(
+            _exporter(self.endpoint, self.token),
+            schedule_delay_millis=1000,
+            max_queue_size=8192,
+            max_export_batch_size=64,
+        )
+        ratio = float(env.get("FASTAPI_DEPLOY_TRACE_SAMPLE", "0.1") or 0.1)
+        slow_ms = float(env.get("FASTAPI_DEPLOY_TRACE_SLOW_MS", "500") or 500)
+        self.sampler = _processor(TailSampler)(batch, ratio=ratio, slow_ns=int(slow_ms * 1e6))
+        provider.add_span_processor(self.sampler)
+        # Not the global provider: the platform's tracing stays out of the app's own OpenTelemetry (its
+        # providers, FastAPI's native telemetry and its per-operation spans stay as the app set them).
+        self.late.provider = provider
+        self.provider = provider
+
+    # -- the event loop ---------------------------------------------------------------------------
+
+    def watch_loop(self) -> None:
+        """Start the event-loop lag monitor (``runtime/looplag.py``, beside this file) in the running
+        loop: its lag histogram goes to the control plane every 10 s, and each block (a callback that
+        held the loop ``FASTAPI_DEPLOY_LOOP_BLOCK_MS``, 100, or longer) becomes a span in the trace of
+        the request it stalled, with the stack of the blocking code. Never fails the app."""
+        if self.sampler is None:
+            return
+        try:
+            module = _sibling("looplag")
+            threshold = float(os.environ.get("FASTAPI_DEPLOY_LOOP_BLOCK_MS", "100") or 100)
+            self.monitor = module.LoopLagMonitor(
+                threshold_ms=threshold, context=CURRENT_SPAN, describe=_describe_span, on_block=self._blocked
+            )
+            self.monitor.start()
+        except Exception as exc:
+            _say(f"no event-loop monitoring: {exc!r}")
+            self.monitor = None
+            return
+        self._metrics = _MetricsPusher(self)
+        self._metrics.start()
+
+    async def unwatch_loop(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.stop()
+        pusher = getattr(self, "_metrics", None)
+        if pusher is not None:
+            pusher.stop()
+
+    def _blocked(self, event: Any) -> None:
+        """A block event (on the loop thread): a span, exported now; its trace is kept."""
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
+
+        sampler = self.sampler
+        if sampler is None:
+            return
+        trace_id = span_id = 0
+        if event.context:
+            trace_hex, _, span_hex = str(event.context).partition(" ")
+            with _suppress():
+                trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+        if not trace_id:
+            trace_id = random.getrandbits(128) or 1
+        here = os.getcwd().rstrip("/") + "/"  # the project's root: show paths as the author knows them
+
+        def relative(frame: str) -> str:
+            return frame[len(here) :] if frame.startswith(here) else frame
+
+        end = int(event.at * 1e9)
+        start = end - int(event.duration_ms * 1e6)
+        attributes: dict[str, Any] = {
+            "fastapi_deploy.block.duration_ms": float(event.duration_ms),
+            "fastapi_deploy.block.samples": int(event.samples),
+            "code.stacktrace": "\n".join(relative(frame) for frame in event.stack[-40:]),
+        }
+        if event.user_frame:  # file:line:function, the innermost frame of the app's own code
+            user_frame = relative(event.user_frame)
+            attributes["fastapi_deploy.block.user_frame"] = user_frame
+            parts = user_frame.rsplit(":", 2)
+            if len(parts) == 3 and parts[1].isdigit():
+                attributes["code.filepath"] = parts[0]
+                attributes["code.lineno"] = int(parts[1])
+                attributes["code.function"] = parts[2]
+        span = ReadableSpan(
+            name="event loop blocked",
+            context=SpanContext(trace_id, random.getrandbits(64) or 1, False, self._sampled_flags()),
+            parent=SpanContext(trace_id, span_id, False) if span_id else None,
+            resource=self.resource,
+            attributes=attributes,
+            kind=SpanKind.INTERNAL,
+            status=Status(StatusCode.ERROR, f"the event loop was blocked for {event.duration_ms:.0f} ms"),
+            start_time=start,
+            end_time=end,
+            instrumentation_scope=InstrumentationScope("fastapi-deploy.looplag"),
+        )
+        sampler.force(trace_id, span)
+
+    @staticmethod
+    def _sampled_flags() -> Any:
+        from opentelemetry.trace import TraceFlags
+
+        return TraceFlags(TraceFlags.SAMPLED)
+
+    def shutdown(self) -> None:
+        """Export what is buffered (after uvicorn stopped: the lifespan shutdown's spans too)."""
+        pusher = getattr(self, "_metrics", None)
+        if pusher is not None:
+            pusher.stop()
+            pusher.push()  # the last reading
+        if self.provider is not None:
+            try:
+                self.provider.shutdown()
+            except Exception as exc:
+                _say(f"flushing traces failed: {exc}")
+
+
+def prepare() -> Telemetry | None:
+    """Step 1, before the app module is imported. None when tracing is off or cannot work here."""
+    env = os.environ
+    endpoint = env.get("FASTAPI_DEPLOY_OTLP_ENDPOINT", "")
+    if not endpoint:
+        return None
+    own = _own_opentelemetry()
+    layer = env.get("FASTAPI_DEPLOY_OTEL_PATH", "")
+    layer_version = env.get("FASTAPI_DEPLOY_OTEL_VERSION", "")
+    # The layer is built for the app's own OpenTelemetry version when it has one; a layer of another
+    # version would mix two APIs in one namespace package, so the app then has to bring it all itself.
+    if layer and layer not in sys.path and (own is None or own == layer_version):
+        sys.path.append(layer)  # after the app's own packages: the app's copies win
+    try:
+        importlib.import_module("opentelemetry.sdk.trace")
+        importlib.import_module("opentelemetry.exporter.otlp.proto.common.trace_encoder")
+    except ImportError as exc:
+        why = f"the app's opentelemetry-api {own} comes without" if own else "missing"
+        _say(f"tracing is off: {why} {exc.name or exc}")
+        return None
+    telemetry = Telemetry(endpoint, env.get("FASTAPI_DEPLOY_TELEMETRY_TOKEN", ""))
+    telemetry.late = _late_provider()
+    for module, target in _LIBRARIES:
+        if importlib.util.find_spec(module) is None:
+            continue
+        path, _, name = target.partition(":")
+        try:
+            instrumentor = getattr(importlib.import_module(path), name)()
+        except ImportError:
+            continue  # not in the layer (it resolved without that instrumentation)
+        try:
+            instrumentor.instrument(tracer_provider=telemetry.late)
+        except Exception as exc:  # an incompatible version: no spans for that library, the app runs
+            _say(f"no {module} spans: {exc}")
+            continue
+        if instrumentor.is_instrumented_by_opentelemetry:
+            telemetry.instrumented.append(module)
+    return telemetry
+
+
+# -- the server span ------------------------------------------------------------------------------------
+
+
+class ServerSpans:
+    """ASGI middleware: one SERVER span per HTTP request, parented by the router's ``traceparent``.
+
+    While the request runs, the span's context is the current one (a non-recording span: cheap), so the
+    libraries' spans become its children; when the response is done the tail sampler decides, and only
+    a kept trace pays for building the span (:meth:`TailSampler.finish`)."""
+
+    def __init__(self, app: Any, telemetry: Telemetry) -> None:
+        self.app = app
+        self.telemetry = telemetry
+        from opentelemetry import context, trace
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+        self._attach, self._detach = context.attach, context.detach
+        self._set_span = trace.set_span_in_context
+        self._span_context = SpanContext
+        self._non_recording = NonRecordingSpan
+        self._sampled = TraceFlags(TraceFlags.SAMPLED)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        sampler = self.telemetry.sampler
+        if scope["type"] != "http" or sampler is None:
+            await self.app(scope, receive, send)
+            return
+        trace_id = parent_id = 0
+        host = user_agent = b""
+        for name, value in scope["headers"]:
+            if name == b"traceparent":
+                if len(value) == 55 and _HEX.issuperset(value[3:35]) and _HEX.issuperset(value[36:52]):
+                    trace_id, parent_id = int(value[3:35], 16), int(value[36:52], 16)
+            elif name == b"host":
+                host = value
+            elif name == b"user-agent":
+                user_agent = value
+        if not trace_id:
+            trace_id = random.getrandbits(128) or 1
+        span_id = random.getrandbits(64) or 1
+        token = self._attach(
+            self._set_span(self._non_recording(self._span_context(trace_id, span_id, False, self._sampled)))
+        )
+        current = CURRENT_SPAN.set((trace_id, span_id))
+        status = [0]
+
+        async def send_status(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        start = time.time_ns()
+        failure: BaseException | None = None
+        try:
+            await self.app(scope, receive, send_status)
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            self._detach(token)
+            CURRENT_SPAN.reset(current)
+            end = time.time_ns()
+            code = status[0] or (500 if failure is not None else 0)
+            error = code >= 500 or (failure is not None and not isinstance(failure, _CANCELLED))
+            sampler.finish(
+                trace_id,
+                end - start,
+                error,
+                lambda: self._span(
+                    scope, trace_id, span_id, parent_id, start, end, code, failure, host, user_agent
+                ),
+            )
+
+    def _span(
+        self,
+        scope: Any,
+        trace_id: int,
+        span_id: int,
+        parent_id: int,
+        start: int,
+        end: int,
+        code: int,
+        failure: BaseException | None,
+        host: bytes,
+        user_agent: bytes,
+    ) -> Any:
+        """The kept request's span, as the SDK's ReadableSpan (what the exporter encodes)."""
+        from opentelemetry.sdk.trace import Event, ReadableSpan
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
+
+        method = scope.get("method", "GET")
+        route = getattr(scope.get("route"), "path", None)  # Starlette >= 0.34 says which route matched
+        attributes: dict[str, Any] = {
+            "http.request.method": method,
+            "url.path": scope.get("path", ""),
+            "url.scheme": scope.get("scheme", "http"),
+            "network.protocol.version": scope.get("http_version", "1.1"),
+            "http.response.status_code": code,
+        }
+        if route:
+            attributes["http.route"] = route
+        if scope.get("query_string"):
+            attributes["url.query"] = scope["query_string"].decode("latin-1")
+        if host:
+            attributes["server.address"] = host.decode("latin-1").rsplit(":", 1)[0]
+        if user_agent:
+            attributes["user_agent.original"] = user_agent.decode("latin-1")
+        client = scope.get("client")
+        if client:
+            attributes["client.address"] = client[0]
+        events = []
+        if failure is not None and not isinstance(failure, _CANCELLED):
+            events.append(
+                Event(
+                    "exception",
+                    {
+                        "exception.type": type(failure).__qualname__,
+                        "exception.message": str(failure),
+                        "exception.stacktrace": "".join(traceback.format_exception(failure)),
+                    },
+                    end,
+                )
+            )
+        if code >= 500 or events:
+            status = Status(StatusCode.ERROR, f"HTTP {code}" if not events else type(failure).__qualname__)
+        else:
+            status = Status(StatusCode.UNSET)
+        parent = SpanContext(trace_id, parent_id, True) if parent_id else None
+        return ReadableSpan(
+            name=f"{method} {route}" if route else method,
+            context=SpanContext(trace_id, span_id, False, self._sampled),
+            parent=parent,
+            resource=self.telemetry.resource,
+            attributes=attributes,
+            events=events,
+            kind=SpanKind.SERVER,
+            status=status,
+            start_time=start,
+            end_time=end,
+            instrumentation_scope=InstrumentationScope("fastapi-deploy.instance"),
+        )
+
+
+try:
+    import asyncio
+
+    _CANCELLED: tuple[type[BaseException], ...] = (asyncio.CancelledError,)
+except ImportError:  # pragma: no cover - asyncio is always there
+    _CANCELLED = ()
+
+
+# -- sampling -------------------------------------------------------------------------------------------
+
+
+def _ratio_bound(ratio: float) -> int:
+    return max(0, min(2**64, round(ratio * 2**64)))
+
+
+def sampled_by_ratio(trace_id: int, bound: int) -> bool:
+    """OpenTelemetry's TraceIdRatioBased test: the trace id's low 64 bits below the bound."""
+    return (trace_id & 0xFFFFFFFFFFFFFFFF) < bound
+
+
+class TailSampler:
+    """A span processor that holds a trace's spans until the trace's request (or other local root)
+    ends, then passes them all to ``downstream`` (a BatchSpanProcessor) or drops them all.
+
+    Two ways a trace ends: :meth:`finish`, from :class:`ServerSpans`, with the request's own span built
+    only if kept; or :meth:`on_end` of an SDK span that is a local root (work outside a request).
+    Thread-safe: sync endpoints end their spans on worker threads."""
+
+    def __init__(self, downstream: Any, *, ratio: float, slow_ns: int) -> None:
+        self.downstream = downstream
+        self.bound = _ratio_bound(ratio)
+        self.slow_ns = slow_ns
+        self._pending: OrderedDict[int, list[Any]] = OrderedDict()
+        self._decided: OrderedDict[int, bool] = OrderedDict()
+        self._forced: set[int] = set()
+        self._dropped: OrderedDict[int, tuple[Callable[[], Any], list[Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        pass
+
+    def on_end(self, span: Any) -> None:
+        trace_id = span.context.trace_id
+        parent = span.parent
+        with self._lock:
+            decided = self._decided.get(trace_id)
+            if decided is not None:  # a late span of a trace already decided (a background task)
+                batch = [span] if decided else []
+            elif parent is not None and not parent.is_remote:
+                spans = self._pending.get(trace_id)
+                if spans is None:
+                    spans = self._pending[trace_id] = []
+                    if len(self._pending) > _MAX_PENDING_TRACES:
+                        self._pending.popitem(last=False)  # an unfinished trace, the oldest: dropped
+                spans.append(span)
+                return
+            else:  # a local root of the SDK's own (no request around it)
+                spans = [*self._pending.pop(trace_id, ()), span]
+                duration = (span.end_time or 0) - (span.start_time or 0)
+                keep = self._keep(trace_id, duration, False, spans)
+                self._remember(trace_id, keep)
+                batch = spans if keep else []
+        for item in batch:
+            self.downstream.on_end(item)
+
+    def finish(self, trace_id: int, duration_ns: int, error: bool, make_root: Callable[[], Any]) -> bool:
+        """The request of ``trace_id`` is done: keep or drop its spans; returns whether it was kept.
+
+        A dropped request stays in a short list for a moment: the event-loop monitor reports a block
+        only once the blocking callback returned, often after the request it stalled was answered, and
+        :meth:`force` then brings the request back."""
+        with self._lock:
+            spans = self._pending.pop(trace_id, [])
+            keep = self._keep(trace_id, duration_ns, error, spans)
+            self._remember(trace_id, keep)
+            if not keep:
+                self._dropped[trace_id] = (make_root, spans)
+                if len(self._dropped) > _MAX_DROPPED:
+                    self._dropped.popitem(last=False)
+        if keep:
+            for item in spans:
+                self.downstream.on_end(item)
+            try:
+                self.downstream.on_end(make_root())
+            except Exception as exc:  # never the request's problem
+                _say(f"a server span could not be recorded: {exc!r}")
+        return keep
+
+    def force(self, trace_id: int, span: Any) -> None:
+        """Export ``span`` now and keep its trace (the request's spans too, when it ends)."""
+        with self._lock:
+            decided = self._decided.get(trace_id)
+            self._forced.add(trace_id)
+            if len(self._forced) > _MAX_DECIDED:
+                self._forced.clear()
+            pending = self._pending.pop(trace_id, []) if decided is None else []
+            dropped = self._dropped.pop(trace_id, None)
+            if dropped is not None:
+                self._decided[trace_id] = True  # its late spans follow it now
+        if dropped is not None:
+            make_root, children = dropped
+            pending = [*children, *pending]
+            try:
+                pending.append(make_root())
+            except Exception as exc:
+                _say(f"a server span could not be recorded: {exc!r}")
+        for item in [*pending, span]:
+            self.downstream.on_end(item)
+
+    def _remember(self, trace_id: int, keep: bool) -> None:
+        self._decided[trace_id] = keep
+        if len(self._decided) > _MAX_DECIDED:
+            self._decided.popitem(last=False)
+
+    def _keep(self, trace_id: int, duration_ns: int, error: bool, spans: list[Any]) -> bool:
+        if error or duration_ns >= self.slow_ns or sampled_by_ratio(trace_id, self.bound):
+            return True
+        if trace_id in self._forced:
+            self._forced.discard(trace_id)
+            return True
+        return any(span.status.status_code.value == 2 for span in spans)  # StatusCode.ERROR
+
+    def shutdown(self) -> None:
+        self.downstream.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return bool(self.downstream.force_flush(timeout_millis))
+
+
+def _late_provider() -> Any:
+    """A TracerProvider whose tracers delegate to the real provider once :meth:`Telemetry.start` set it
+    (the libraries are instrumented before the app is imported, and before a template forks: the SDK's
+    threads must only start in the serving process). Until then, and without it, spans are no-ops."""
+    from opentelemetry import trace
+
+    class LateTracer(trace.Tracer):
+        def __init__(self, late: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self._late, self._args, self._kwargs = late, args, kwargs
+            self._tracer: Any = None
+
+        def _real(self) -> Any:
+            if self._tracer is None:
+                provider = self._late.provider
+                if provider is None:
+                    return trace.NoOpTracer()
+                self._tracer = provider.get_tracer(*self._args, **self._kwargs)
+            return self._tracer
+
+        def start_span(self, *args: Any, **kwargs: Any) -> Any:
+            return self._real().start_span(*args, **kwargs)
+
+        def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+            return self._real().start_as_current_span(*args, **kwargs)
+
+    class LateProvider(trace.TracerProvider):
+        def __init__(self) -> None:
+            self.provider: Any = None
+
+        def get_tracer(self, *args: Any, **kwargs: Any) -> Any:
+            return LateTracer(self, args, kwargs)
+
+    return LateProvider()
+
+
+def _processor(cls: type) -> Any:
+    """``cls`` as a subclass of the SDK's SpanProcessor too (its newer hooks, ``_on_ending``, default to
+    nothing there); the SDK is importable only once the layer is on ``sys.path``."""
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    return type(cls.__name__, (cls, SpanProcessor), {})
+
+
+def _exporter(endpoint: str, token: str) -> Any:
+    """An OTLP/HTTP protobuf span exporter on ``urllib`` (one POST per batch, 5 s timeout)."""
+    import urllib.error
+    import urllib.request
+
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    headers = {"Content-Type": "application/x-protobuf"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+
+    class _Exporter(SpanExporter):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.failures = 0
+
+        def export(self, spans: Any) -> Any:
+            body = encode_spans(spans).SerializePartialToString()
+            request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    response.read()
+            except (urllib.error.URLError, OSError) as exc:
+                self.failures += 1
+                if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
+                    _say(f"exporting {len(spans)} spans to {endpoint} failed ({self.failures}x): {exc}")
+                return SpanExportResult.FAILURE
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self) -> None:
+            pass
+
+    return _Exporter()
+
+
+CURRENT_SPAN: Any = None
+"""contextvars.ContextVar[(trace_id, span_id)] of the request being served (the loop monitor reads it
+in the blocked task)."""
+
+
+def _init_context() -> None:
+    global CURRENT_SPAN
+    import contextvars
+
+    CURRENT_SPAN = contextvars.ContextVar("fastapi_deploy_span", default=None)
+
+
+_init_context()
+
+
+def _describe_span(value: Any) -> str:
+    trace_id, span_id = value
+    return f"{trace_id:032x} {span_id:016x}"
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
+
+
+def _sibling(name: str) -> Any:
+    """A module beside this file, loaded by path (the launcher's folder is not on ``sys.path``)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_fastapi_deploy_{name}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+class _MetricsPusher:
+    """Every 10 s, the loop monitor's snapshot as OTLP metrics (``/v1/metrics`` beside ``/v1/traces``):
+    the lag histogram (cumulative, in ms), the thread pool's busy and total threads."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+        self.endpoint = telemetry.endpoint.rsplit("/v1/traces", 1)[0] + "/v1/metrics"
+        self.started_ns = time.time_ns()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fastapi-deploy-metrics", daemon=True)
+        self.failures = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(_METRICS_SECONDS):
+            self.push()
+
+    def push(self) -> None:
+        monitor = self.telemetry.monitor
+        if monitor is None:
+            return
+        try:
+            body = self._encode(monitor.snapshot())
+        except Exception as exc:
+            _say(f"encoding the loop's metrics failed: {exc!r}")
+            return
+        import urllib.error
+        import urllib.request
+
+        headers = {"Content-Type": "application/x-protobuf"}
+        if self.telemetry.token:
+            headers["Authorization"] = f"Bearer {self.telemetry.token}"
+        request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                response.read()
+        except (urllib.error.URLError, OSError) as exc:
+            self.failures += 1
+            if self.failures in (1, 10, 100):
+                _say(f"sending the loop's metrics to {self.endpoint} failed ({self.failures}x): {exc}")
+
+    def _encode(self, snapshot: dict[str, Any]) -> bytes:
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+        from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+        from opentelemetry.proto.metrics.v1 import metrics_pb2 as pb
+        from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+
+        now = time.time_ns()
+        lag = snapshot["lag_ms"]
+        buckets = lag["buckets"]  # cumulative counts per bound ("+Inf" last)
+        bounds = [float(b) for b in buckets if b != "+Inf"]
+        cumulative = list(buckets.values())
+        counts = [cumulative[0]] + [b - a for a, b in itertools.pairwise(cumulative)]
+        histogram = pb.Metric(
+            name="fastapi_deploy.event_loop.lag",
+            unit="ms",
+            histogram=pb.Histogram(
+                aggregation_temporality=pb.AGGREGATION_TEMPORALITY_CUMULATIVE,
+                data_points=[
+                    pb.HistogramDataPoint(
+                        start_time_unix_nano=self.started_ns,
+                        time_unix_nano=now,
+                        count=int(lag["count"]),
+                        sum=float(lag["sum"]),
+                        max=float(lag["max"]),
+                        bucket_counts=[int(c) for c in counts],
+                        explicit_bounds=bounds,
+                    )
+                ],
+            ),
+        )
+        metrics = [histogram]
+        gauges = {"fastapi_deploy.event_loop.blocks": snapshot.get("blocks_total", 0)}
+        pool = snapshot.get("threadpool") or {}
+        for key, name in (("borrowed", "busy"), ("total", "size"), ("saturated_beats", "saturated_beats")):
+            if key in pool:
+                gauges[f"fastapi_deploy.threadpool.{name}"] = pool[key]
+        for name, value in gauges.items():
+            metrics.append(
+                pb.Metric(
+                    name=name,
+                    gauge=pb.Gauge(data_points=[pb.NumberDataPoint(time_unix_nano=now, as_int=int(value))]),
+                )
+            )
+        resource = [
+            KeyValue(key=k, value=AnyValue(string_value=str(v)))
+            for k, v in self.telemetry.resource.attributes.items()
+        ]
+        request = ExportMetricsServiceRequest(
+            resource_metrics=[
+                pb.ResourceMetrics(
+                    resource=Resource(attributes=resource),
+                    scope_metrics=[
+                        pb.ScopeMetrics(
+                            scope=InstrumentationScope(name="fastapi-deploy.looplag"), metrics=metrics
+                        )
+                    ],
+                )
+            ]
+        )
+        data: bytes = request.SerializeToString()
+        return data

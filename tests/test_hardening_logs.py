@@ -1,0 +1,173 @@
+"""Build-log streams and app-log retention, through the API (in process, SQLite and PostgreSQL).
+
+Build logs (``control_plane/buildlogs.py``): heartbeats while nothing happens, ``timeout`` to end a
+connection that lived long enough, ``last_id`` resuming strictly after a line, lines appended while a
+client waits reaching it at once, and ``complete`` / ``failed`` at the end. The stream's intervals are
+shortened for the test (module constants), so it takes a fraction of a second.
+
+App logs (``control_plane/logstore.py``): kept per app up to ``log_retention_bytes``; the oldest
+segments go first, the newest lines stay readable through ``/logs/stream``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from control_plane import buildlogs
+from control_plane.config import Settings
+from control_plane.models import Deployment
+from runtime.backends.base import LogRecord
+from tests.test_api import ADMIN, Env, running
+from tests.test_api import anyio_backend as anyio_backend
+from tests.test_api import env as env
+
+
+async def stream(env: Env, deployment_id: str, **params: str) -> list[dict[str, Any]]:
+    r = await env.get(f"/deployments/{deployment_id}/build-logs", params=params)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/x-ndjson")
+    return [json.loads(line) for line in r.text.splitlines() if line.strip()]
+
+
+async def waiting_deployment(env: Env, name: str) -> str:
+    app = await env.create_app(name)
+    r = await env.post(f"/apps/{app['id']}/deployments/", json={"archive_size_bytes": 10})
+    return str(r.json()["id"])
+
+
+def set_status(env: Env, deployment_id: str, status: str) -> None:
+    with env.platform.db.session() as s:
+        dep = s.get(Deployment, deployment_id)
+        assert dep is not None
+        dep.status = status
+        s.add(dep)
+        s.commit()
+    env.platform.buildlogs.notify(deployment_id)
+
+
+def messages(lines: list[dict[str, Any]]) -> list[str]:
+    return [line["message"] for line in lines if line["type"] == "message"]
+
+
+@pytest.mark.anyio
+async def test_heartbeats_then_timeout_while_nothing_happens(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(buildlogs, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(buildlogs, "CONNECTION_SECONDS", 0.4)
+    dep = await waiting_deployment(env, "quiet")
+    for text in ("one", "two\nthree"):  # a message with a newline is two lines
+        env.platform.buildlogs.append(dep, text)
+
+    lines = await stream(env, dep)
+
+    assert messages(lines) == ["one", "two", "three"]
+    ids = [line["id"] for line in lines if line["type"] == "message"]
+    assert all(isinstance(i, str) for i in ids) and [int(i) for i in ids] == sorted(int(i) for i in ids)
+    rest = lines[3:]
+    assert rest[-1] == {"type": "timeout", "id": ids[-1]}  # reconnect, resuming after the last line
+    heartbeats = rest[:-1]
+    assert len(heartbeats) >= 2 and all(h == {"type": "heartbeat", "id": ids[-1]} for h in heartbeats)
+
+
+@pytest.mark.anyio
+async def test_last_id_resumes_strictly_after_it(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(buildlogs, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(buildlogs, "CONNECTION_SECONDS", 0.1)
+    dep = await waiting_deployment(env, "resumed")
+    for text in ("a", "b", "c"):
+        env.platform.buildlogs.append(dep, text)
+    ids = [line["id"] for line in await stream(env, dep) if line["type"] == "message"]
+
+    assert messages(await stream(env, dep, last_id=ids[0])) == ["b", "c"]
+    after_all = await stream(env, dep, last_id=ids[-1])
+    assert messages(after_all) == [] and after_all[-1] == {"type": "timeout", "id": ids[-1]}
+    # An id that is not one of ours replays from the start (as the official CLI's retry expects).
+    assert messages(await stream(env, dep, last_id="not-a-number")) == ["a", "b", "c"]
+
+    env.platform.buildlogs.append(dep, "d")
+    set_status(env, dep, "building_image_failed")
+    ended = await stream(env, dep, last_id=ids[-1])
+    assert messages(ended) == ["d"]
+    assert ended[-1]["type"] == "failed" and ended[-1]["id"] == ended[-2]["id"]
+    # A finished deployment replays everything, then says how it ended.
+    assert messages(await stream(env, dep)) == ["a", "b", "c", "d"]
+
+
+@pytest.mark.anyio
+async def test_lines_reach_a_waiting_client_at_once(env: Env) -> None:
+    # Default intervals (heartbeat 15 s): only the wake-up can deliver within the test's bound.
+    dep = await waiting_deployment(env, "live")
+    env.platform.buildlogs.append(dep, "before")
+    request = asyncio.ensure_future(stream(env, dep))
+
+    async def subscribed() -> None:
+        # The stream registers its wake-up event as it starts; there is no event to wait for that.
+        while dep not in env.platform.buildlogs._events:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(subscribed(), 5)
+    env.platform.buildlogs.append(dep, "while waiting")
+    set_status(env, dep, "success")
+    lines = await asyncio.wait_for(request, 5)
+    assert messages(lines) == ["before", "while waiting"]
+    assert lines[-1]["type"] == "complete"
+    assert not [line for line in lines if line["type"] == "heartbeat"]
+
+
+RETENTION = 256 * 1024  # segments of 64 KiB (a quarter, at least 64 KiB)
+
+
+@pytest.fixture
+async def small_logs(tmp_path: Path) -> AsyncIterator[Env]:
+    settings = Settings(
+        data_dir=tmp_path / "data", router_port=0, admin_token=ADMIN, log_retention_bytes=RETENTION
+    )
+    async with running(settings) as env:
+        yield env
+
+
+@pytest.mark.anyio
+async def test_app_logs_are_kept_up_to_the_retention_size(small_logs: Env) -> None:
+    env = small_logs
+    app = await env.create_app("chatty")
+    other = await env.create_app("quiet-neighbour")
+    start = datetime.now(UTC) - timedelta(minutes=30)
+    total = 4 * 1024 * 1024 // 200  # 4 MiB of ~200-byte lines: 16 times the retention
+    store = env.platform.logstore
+
+    def line(app_id: str, n: int) -> LogRecord:
+        return LogRecord(
+            app_id=app_id,
+            deployment_id="d",
+            instance_id="i",
+            stream="stdout",
+            timestamp=start + timedelta(milliseconds=n),
+            message=f"line {n:06d} " + "x" * 100,
+            level="info",
+        )
+
+    store.append(line(other["id"], 0))
+    for n in range(total):
+        store.append(line(app["id"], n))
+
+    directory = env.platform.paths.logs / app["id"]
+    on_disk = sum(p.stat().st_size for p in directory.iterdir())
+    assert on_disk <= RETENTION + store.segment_bytes  # closed segments within retention, plus the open one
+    assert on_disk >= RETENTION // 2  # and not everything was thrown away
+    r = await env.get(
+        f"/apps/{app['id']}/logs/stream", params={"tail": 10_000, "since": "1h", "follow": "false"}
+    )
+    kept = [int(json.loads(entry)["message"].split()[1]) for entry in r.text.splitlines()]
+    assert kept == list(range(kept[0], total))  # the newest lines, in order, none missing
+    assert kept[0] > 0  # the oldest were dropped
+    # Another app's logs are its own: untouched by this app's retention.
+    r = await env.get(f"/apps/{other['id']}/logs/stream", params={"since": "1h"})
+    assert [json.loads(e)["message"].split()[1] for e in r.text.splitlines()] == ["000000"]
