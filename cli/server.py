@@ -31,7 +31,7 @@ def server(
     ] = None,
     backend: Annotated[
         str | None,
-        typer.Option(help="Where instances run: process or docker [env: FASTAPI_DEPLOY_BACKEND]"),
+        typer.Option(help="Where instances run: process, docker or kubernetes [env: FASTAPI_DEPLOY_BACKEND]"),
     ] = None,
     base_image: Annotated[
         str | None,

@@ -12,6 +12,13 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the control plane needs to run. Build it with :meth:`from_env` (the CLI does)."""
@@ -103,6 +110,45 @@ class Settings:
     """If set, ``/metrics`` needs ``Authorization: Bearer <it>``; else it is open, like most exporters."""
     log_retention_days: float = 14.0
     """Log lines older than this are dropped (in whole segments), whatever the size retention allows."""
+    instance_otlp_url: str = ""
+    """Where instances send spans and metrics (``.../v1/traces``); empty: the API on loopback (process),
+    the instances' network's gateway (docker), ``public_url`` (kubernetes)."""
+    # -- kubernetes (docs/KUBERNETES.md) ------------------------------------------------------------------
+    kubeconfig: str = ""
+    """A kubeconfig file; empty: the pod's service account inside a cluster, else ``~/.kube/config``."""
+    kubernetes_namespace: str = "fastapi-deploy-apps"
+    """The namespace of every app's objects (unless one per team)."""
+    kubernetes_namespace_per_team: bool = False
+    """One namespace per team, ``fdp-{team slug}``, created on first use."""
+    kubernetes_platform_id: str = "default"
+    """Label value marking this platform's objects: two platforms on one cluster never touch each other's."""
+    kubernetes_platform_namespace: str = ""
+    """The control plane's namespace: with it, a NetworkPolicy lets only the platform's pods reach apps."""
+    kubernetes_keep_on_close: bool = False
+    """A stopping control plane leaves the apps running (the next one adopts them): set it in a cluster."""
+    kubernetes_scaling: str = "router"
+    """``router``: the platform's router and autoscaler drive each revision's replicas; ``hpa``: an
+    autoscaling/v2 HPA does, behind a per-app Service and Ingress, its floor raised for pre-warm."""
+    kubernetes_headroom: int = 0
+    """Placeholder pods of one instance's size keeping node headroom for surges (0: none)."""
+    kubernetes_ingress_class: str = ""
+    """``ingressClassName`` of the per-app Ingresses (``hpa`` scaling)."""
+    kubernetes_split_logs: bool = False
+    """Read pods' stdout and stderr apart (clusters with the ``PodLogsQuerySplitStreams`` gate)."""
+    docker_host: str = ""
+    """The Docker engine image builds use (``DOCKER_HOST``; kubernetes backend: a builder reachable from
+    the control plane), empty: the local socket."""
+    leader_election: str = ""
+    """``lease``: several control planes share the database; the holder of a Kubernetes Lease runs the
+    deploys, the fleet and the autoscaler, the others serve the API. Empty: this one does it all."""
+    leader_lease: str = "fastapi-deploy-leader"
+    leader_lease_duration: float = 15.0
+    leader_renew_deadline: float = 10.0
+    leader_retry_period: float = 2.0
+    pod_name: str = ""
+    """This control plane's pod (``POD_NAME``, from the downward API): its identity in the election."""
+    pod_namespace: str = ""
+    """Its namespace (``POD_NAMESPACE``): where the Lease lives."""
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -165,7 +211,22 @@ class Settings:
             "otlp_forward_url": _env("FASTAPI_DEPLOY_OTLP_FORWARD_URL", ""),
             "otlp_forward_headers": _env("FASTAPI_DEPLOY_OTLP_FORWARD_HEADERS", ""),
             "metrics_token": _env("FASTAPI_DEPLOY_METRICS_TOKEN", ""),
-            "tracing": _env("FASTAPI_DEPLOY_TRACING", "1").strip().lower() not in ("0", "false", "no", "off"),
+            "tracing": _flag("FASTAPI_DEPLOY_TRACING", True),
+            "instance_otlp_url": _env("FASTAPI_DEPLOY_INSTANCE_OTLP_URL", ""),
+            "kubeconfig": _env("KUBECONFIG", ""),
+            "kubernetes_namespace": _env("FASTAPI_DEPLOY_KUBERNETES_NAMESPACE", "fastapi-deploy-apps"),
+            "kubernetes_namespace_per_team": _flag("FASTAPI_DEPLOY_KUBERNETES_NAMESPACE_PER_TEAM", False),
+            "kubernetes_platform_id": _env("FASTAPI_DEPLOY_KUBERNETES_PLATFORM_ID", "default"),
+            "kubernetes_platform_namespace": _env("FASTAPI_DEPLOY_KUBERNETES_PLATFORM_NAMESPACE", ""),
+            "kubernetes_keep_on_close": _flag("FASTAPI_DEPLOY_KUBERNETES_KEEP_ON_CLOSE", False),
+            "kubernetes_scaling": _env("FASTAPI_DEPLOY_KUBERNETES_SCALING", "router"),
+            "kubernetes_ingress_class": _env("FASTAPI_DEPLOY_KUBERNETES_INGRESS_CLASS", ""),
+            "kubernetes_split_logs": _flag("FASTAPI_DEPLOY_KUBERNETES_SPLIT_LOGS", False),
+            "docker_host": _env("DOCKER_HOST", ""),
+            "leader_election": _env("FASTAPI_DEPLOY_LEADER_ELECTION", ""),
+            "leader_lease": _env("FASTAPI_DEPLOY_LEADER_LEASE", "fastapi-deploy-leader"),
+            "pod_name": _env("POD_NAME", ""),
+            "pod_namespace": _env("POD_NAMESPACE", ""),
         }
         numeric = {
             "build_timeout": ("FASTAPI_DEPLOY_BUILD_TIMEOUT", float),
@@ -184,6 +245,10 @@ class Settings:
             "metrics_fine_retention": ("FASTAPI_DEPLOY_METRICS_FINE_RETENTION", float),
             "metrics_coarse_retention": ("FASTAPI_DEPLOY_METRICS_COARSE_RETENTION", float),
             "log_retention_days": ("FASTAPI_DEPLOY_LOG_RETENTION_DAYS", float),
+            "kubernetes_headroom": ("FASTAPI_DEPLOY_KUBERNETES_HEADROOM", int),
+            "leader_lease_duration": ("FASTAPI_DEPLOY_LEADER_LEASE_DURATION", float),
+            "leader_renew_deadline": ("FASTAPI_DEPLOY_LEADER_RENEW_DEADLINE", float),
+            "leader_retry_period": ("FASTAPI_DEPLOY_LEADER_RETRY_PERIOD", float),
         }
         for name, (var, conv) in numeric.items():
             if var in os.environ:

@@ -10,6 +10,7 @@ artifact (its source tree and its content-addressed environment).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -37,12 +38,14 @@ from runtime.autoscaler import ScalingSettings
 from runtime.backends.base import Instance, InstanceSpec, InstanceState, LogRecord, LogSink
 from runtime.builder import build_environment, prune_environments
 from runtime.detect import Project, detect_project
-from runtime.errors import RuntimeFailure
+from runtime.errors import ExtractionError, RuntimeFailure
 from runtime.images import BuildLimits, BuiltImage, ImageEngine, ImageMeta, build_image, prune_layers
 from runtime.logparse import parse_level
 from runtime.registry import Registry
 
 log = logging.getLogger("fastapi_deploy.deployer")
+
+RECONCILE_SECONDS = 2.0
 
 
 def scaling_settings(app: App) -> ScalingSettings:
@@ -92,6 +95,9 @@ class Deployer:
         self.instrumentation = instrumentation
         self.app_log = app_log
         self._app_of: dict[str, str] = {}  # deployment id -> app id, while it runs
+        self._running: set[str] = set()
+        self.leading = True
+        """False while another control plane leads (``control_plane/leader.py``): deploys are its."""
         self.db = db
         self.fleet = fleet
         self.buildlogs = buildlogs
@@ -104,12 +110,61 @@ class Deployer:
     # -- entry points ---------------------------------------------------------------------------
 
     def submit(self, deployment_id: str) -> None:
-        """Queue a deployment (status ``ready_for_build``) to run in the background."""
+        """Queue a deployment (status ``ready_for_build``) to run in the background. A control plane
+        that does not lead (several share the database) leaves it to the leader's reconciler."""
+        if not self.leading or deployment_id in self._running:
+            return
+        self._running.add(deployment_id)
         task = asyncio.get_running_loop().create_task(
             self._run(deployment_id), name=f"deploy-{deployment_id}"
         )
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            self._running.discard(deployment_id)
+
+        task.add_done_callback(done)
+
+    async def reconcile(self) -> None:
+        """The leader's loop, desired → actual, from the database: deployments queued by any control
+        plane (or left queued by one that stopped) are run; scaling settings changed elsewhere reach
+        the fleet; deleted apps stop serving. Owned by the platform; cancelled at shutdown."""
+        while True:
+            try:
+                queued, settings, gone = await asyncio.to_thread(self._desired)
+                for deployment_id in queued:
+                    self.submit(deployment_id)
+                for app_id, app_settings in settings.items():
+                    revision = self.fleet.serving.get(app_id)
+                    if revision is not None and revision.settings != app_settings:
+                        self.fleet.update_settings(app_id, app_settings)
+                for app_id in gone:
+                    await self.fleet.remove(app_id)
+            except Exception:
+                log.exception("reconciling failed")
+            await asyncio.sleep(RECONCILE_SECONDS)
+
+    def _desired(self) -> tuple[list[str], dict[str, ScalingSettings], list[str]]:
+        with self.db.session() as s:
+            queued = s.exec(
+                select(Deployment.id)
+                .where(Deployment.status == S.READY_FOR_BUILD)
+                .order_by(col(Deployment.created_at))
+            ).all()
+            serving = list(self.fleet.serving)
+            apps = (
+                {a.id: a for a in s.exec(select(App).where(col(App.id).in_(serving))).all()}
+                if serving
+                else {}
+            )
+        settings = {}
+        for app_id, app in apps.items():
+            try:
+                settings[app_id] = scaling_settings(app)
+            except ValueError:
+                continue
+        return [q for q in queued if q not in self._running], settings, [a for a in serving if a not in apps]
 
     async def restore(self) -> None:
         """At start-up: bring every app's current revision back, without rebuilding."""
@@ -124,7 +179,14 @@ class Deployer:
         claimed = {i.id for revision in self.fleet.serving.values() for i in revision.instances}
         leftovers = [i for i in self.fleet.backend.instances() if i.id not in claimed]
         await asyncio.gather(*(self.fleet.backend.stop(i) for i in leftovers), return_exceptions=True)
-        # Deployments that were mid-flight when the control plane stopped will never finish.
+        serving = {revision.deployment_id for revision in self.fleet.serving.values()}
+        release = getattr(self.fleet.backend, "release", None)
+        if release is not None:  # their revisions' resources too (kubernetes: the Deployment, its Service)
+            for deployment_id in {i.spec.deployment_id for i in leftovers} - serving:
+                with contextlib.suppress(Exception):
+                    await release(deployment_id)
+        # Deployments that were mid-flight when the control plane stopped will never finish; queued
+        # ones (ready_for_build) are run by the reconciler.
         await asyncio.to_thread(self._fail_interrupted)
 
     async def close(self) -> None:
@@ -201,6 +263,13 @@ class Deployer:
         src = self.paths.source(dep.id)
         archive = self.paths.archive(dep.id)
         await self._set(dep.id, S.EXTRACTING)
+        if not await asyncio.to_thread(archive.is_file):
+            raise ExtractionError(
+                "The uploaded archive is not on this control plane (the one that received it stopped "
+                "before building it).",
+                title="Upload lost",
+                hint="Push again.",
+            )
         self._log(dep.id, f"Extracting the upload ({dep.archive_size_bytes / 1024:.1f} KiB)")
         limits = ExtractLimits(max_archive_bytes=self.settings.max_archive_bytes)
         result = await asyncio.to_thread(extract_archive, archive, src, limits)
@@ -311,13 +380,13 @@ class Deployer:
         artifact = await asyncio.to_thread(self._get, artifact_id or dep.id)
         src = self.paths.source(artifact.id)
         env_dir = self.paths.envs / (dep.environment_key or "")
-        image = await asyncio.to_thread(_read_image, self.paths.image(artifact.id))
+        image = await asyncio.to_thread(self._image_of, artifact.id)
         runs_images = getattr(self.fleet.backend, "images", None) is not None
-        if runs_images:
+        if runs_images:  # the image is the whole build: another control plane's data directory is fine
             built = image is not None
         else:
-            built = bool(dep.environment_key) and (env_dir / "bin" / "python").exists()
-        if not built or not src.is_dir():
+            built = bool(dep.environment_key) and (env_dir / "bin" / "python").exists() and src.is_dir()
+        if not built:
             raise RuntimeFailure(
                 "The build of this deployment is missing from the data directory.",
                 title="Build missing",
@@ -332,7 +401,7 @@ class Deployer:
                     app.id, app.slug, python, None if runs_images else env_dir
                 )
             )
-        cpus, memory_mb = await asyncio.to_thread(self._instance_size)
+        cpus, memory_mb = await asyncio.to_thread(self.instance_size)
         spec = InstanceSpec(
             app_id=app.id,
             deployment_id=dep.id,
@@ -422,6 +491,21 @@ class Deployer:
             log=log_line,
         )
 
+    def _image_of(self, deployment_id: str) -> BuiltImage | None:
+        """The deployment's built image: the builder's record in the data directory, else the database's."""
+        image = _read_image(self.paths.image(deployment_id))
+        if image is not None:
+            return image
+        with self.db.session() as s:
+            dep = s.get(Deployment, deployment_id)
+            record = dep.image if dep is not None else None
+        if not record:
+            return None
+        try:
+            return BuiltImage.from_json(json.loads(record))
+        except (ValueError, TypeError, KeyError):
+            return None
+
     def _set_health_path(self, app_id: str, health_path: str) -> None:
         with self.db.session() as s:
             row = s.get(App, app_id)
@@ -451,7 +535,7 @@ class Deployer:
 
     # -- database helpers (run in threads) -------------------------------------------------------
 
-    def _instance_size(self) -> tuple[float, int]:
+    def instance_size(self) -> tuple[float, int]:
         """The platform's instance size (admin settings): the limits of backends that enforce them."""
         from control_plane import platform_settings
 
@@ -543,7 +627,14 @@ class Deployer:
             s.commit()
 
     def _record_image(self, deployment_id: str, project: Project, src: Path, built: BuiltImage) -> None:
-        self.paths.image(deployment_id).write_text(json.dumps(built.as_json(), indent=2) + "\n")
+        record = json.dumps(built.as_json(), indent=2)
+        self.paths.image(deployment_id).write_text(record + "\n")
+        with self.db.session() as s:  # any control plane (a new leader) runs it from there
+            dep = s.get(Deployment, deployment_id)
+            if dep is not None:
+                dep.image = record
+                s.add(dep)
+                s.commit()
         self._record_artifact(
             deployment_id,
             project.entrypoint,
@@ -607,7 +698,6 @@ class Deployer:
                             S.BUILDING_IMAGE,
                             S.DEPLOYING,
                             S.VERIFYING,
-                            S.READY_FOR_BUILD,
                         ]
                     )
                 )
@@ -657,7 +747,7 @@ class Deployer:
     def _remove_image(self, deployment_id: str) -> None:
         """Untag a pruned build's image on the engine (the registry keeps what was pushed)."""
         engine: ImageEngine | None = getattr(self.fleet.backend, "images", None)
-        image = _read_image(self.paths.image(deployment_id))
+        image = self._image_of(deployment_id)
         if engine is None or image is None:
             return
         refs = [image.tag]

@@ -57,6 +57,8 @@ class Revision:
     pool_hits: int = 0
     started: int = 0
     stopped: int = 0
+    external: bool = False
+    """Its replicas are the backend autoscaler's (an HPA), not the fleet's."""
 
     @property
     def instances(self) -> list[Instance]:
@@ -85,6 +87,7 @@ class Fleet:
         events: EventLog,
         forecaster: Forecaster,
         metrics: Metrics | None = None,
+        external_scaling: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backend = backend
@@ -94,6 +97,9 @@ class Fleet:
         self.events = events
         self.forecaster = forecaster
         self.metrics = metrics or Metrics()
+        self.external_scaling = external_scaling
+        """Replicas belong to the backend's own autoscaler (kubernetes ``hpa`` scaling): after the switch
+        the fleet hands each revision over (``backend.autoscale``, ``publish``) and never scales it."""
         self.clock = clock
         self.serving: dict[str, Revision] = {}
         self._crashes: dict[str, _CrashHistory] = {}
@@ -145,9 +151,26 @@ class Fleet:
             f"Revision {revision.deployment_id[:8]} serves on {len(revision.serving)} instance(s)",
             deployment_id=revision.deployment_id,
         )
+        if self.external_scaling:
+            await self._hand_over(revision)
         if old is not None and old is not revision:
             self._spawn(self._retire(old), f"retire-{old.deployment_id}")
         self._wake.set()
+
+    async def _hand_over(self, revision: Revision) -> None:
+        """The backend's autoscaler owns the revision's replicas from now on (floor: min + pre-warm)."""
+        autoscale = getattr(self.backend, "autoscale", None)
+        publish = getattr(self.backend, "publish", None)
+        if autoscale is None or publish is None:
+            return
+        revision.external = True
+        s = revision.settings
+        await autoscale(
+            revision.spec,
+            min_replicas=max(1, s.min_instances) + s.prewarm,
+            max_replicas=max(1, s.max_instances, s.min_instances + s.prewarm),
+        )
+        await publish(revision.spec, ingress=True)
 
     async def remove(self, app_id: str) -> None:
         revision = self.serving.pop(app_id, None)
@@ -162,6 +185,8 @@ class Fleet:
         revision = self.serving.get(app_id)
         if revision is not None:
             revision.settings = settings
+            if revision.external:  # new floor and ceiling for the backend's autoscaler
+                self._spawn(self._hand_over(revision), f"autoscale-{revision.deployment_id}")
             self._wake.set()
 
     def instances_of(self, app_id: str) -> list[Instance]:
@@ -200,7 +225,8 @@ class Fleet:
             )
             self.forecaster.observe(revision.app_id, concurrency, wall)
             revision.forecast = self.forecaster.forecast(revision.app_id, wall)
-            self._scale(revision, now)
+            if not revision.external:
+                self._scale(revision, now)
 
     def _sample(self, revision: Revision, sample: Sample) -> None:
         revision.samples.append(sample)

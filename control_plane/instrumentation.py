@@ -106,8 +106,10 @@ class Instrumentation:
         return env
 
     def receiver_url(self) -> str:
-        """Where instances on this machine send spans: the API on loopback when it listens on every
-        interface, else its own address."""
+        """Where instances on this machine send spans: ``instance_otlp_url`` when set, else the API on
+        loopback when it listens on every interface, else its own address."""
+        if self.settings.instance_otlp_url:
+            return self.settings.instance_otlp_url
         host = self.settings.host
         if host in ("0.0.0.0", "", "::"):
             host = "127.0.0.1"
@@ -162,6 +164,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # a build another control plane made: no folder here
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(path)

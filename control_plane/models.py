@@ -164,6 +164,9 @@ class Deployment(SQLModel, table=True):
     fail_on_breaking: bool = False
     """Refuse to switch traffic to this revision if its API breaks the serving one's (``push
     --fail-on-breaking``)."""
+    image: str | None = None
+    """The built image (image backends), as ``runtime.images.BuiltImage.as_json()``: what any control
+    plane needs to run the revision (the copy in the data directory is the builder's)."""
 
 
 class BuildLogLine(SQLModel, table=True):

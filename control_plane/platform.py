@@ -19,6 +19,7 @@ import hmac
 import logging
 import secrets as pysecrets
 from dataclasses import dataclass
+from typing import Any
 
 from sqlmodel import select
 
@@ -67,23 +68,7 @@ class Platform:
         )
         self.buildlogs = BuildLogs(self.db)
         self.router = Router()
-        self.backend: Backend
-        if settings.backend == "docker":
-            from runtime.backends.docker import DockerBackend  # the docker extra: imported only when chosen
-            from runtime.registry import Registry
-
-            registry = None
-            if settings.registry:
-                registry = Registry.parse(
-                    settings.registry,
-                    username=settings.registry_username,
-                    password=settings.registry_password,
-                )
-            self.backend = DockerBackend(self.paths.instances, self.logstore.append, registry=registry)
-        elif settings.backend == "process":
-            self.backend = ProcessBackend(self.paths.instances, self.logstore.append)
-        else:
-            raise ValueError(f"unknown backend {settings.backend!r} (available: process, docker)")
+        self.backend: Backend = self._make_backend()
         self.events = EventLog(self.db)
         self.forecaster = Forecaster(self.db)
         self.metrics = Metrics()
@@ -117,6 +102,7 @@ class Platform:
             events=self.events,
             forecaster=self.forecaster,
             metrics=self.metrics,
+            external_scaling=settings.backend == "kubernetes" and settings.kubernetes_scaling == "hpa",
         )
         self.backend.on_exit = self.fleet.on_exit
         self._telemetry_key = b""
@@ -136,7 +122,75 @@ class Platform:
         self.ready = asyncio.Event()
         self._autoscaler: asyncio.Task[None] | None = None
         self._maintenance: asyncio.Task[None] | None = None
+        self._reconciler: asyncio.Task[None] | None = None
+        self._election: asyncio.Task[None] | None = None
+        self._elector: Any = None
+        self._namespaces: dict[str, str] = {}
+        self._stopping = False
         self._side_receiver: SideListener | None = None
+
+    def _make_backend(self) -> Backend:
+        settings = self.settings
+        registry = None
+        if settings.registry:
+            from runtime.registry import Registry
+
+            registry = Registry.parse(
+                settings.registry, username=settings.registry_username, password=settings.registry_password
+            )
+        if settings.backend == "process":
+            return ProcessBackend(self.paths.instances, self.logstore.append)
+        if settings.backend not in ("docker", "kubernetes"):
+            raise ValueError(f"unknown backend {settings.backend!r} (available: process, docker, kubernetes)")
+        from runtime.backends.docker import DockerBackend  # the docker extra: imported only when chosen
+
+        if settings.backend == "docker":
+            return DockerBackend(
+                self.paths.instances,
+                self.logstore.append,
+                registry=registry,
+                docker_host=settings.docker_host or None,
+            )
+        from runtime.backends._k8s_manifests import KubernetesConfig  # the kubernetes extra
+        from runtime.backends.kubernetes import KubernetesBackend
+
+        # Images are built on a Docker engine (its containers are only the builds' own), run by the cluster.
+        builder = DockerBackend(
+            self.paths.images / "engine",
+            lambda record: None,
+            registry=registry,
+            network=None,
+            docker_host=settings.docker_host or None,
+        )
+        config = KubernetesConfig(
+            namespace=settings.kubernetes_namespace,
+            platform_id=settings.kubernetes_platform_id,
+            kubeconfig=settings.kubeconfig or None,
+            registry=registry,
+            platform_namespace=settings.kubernetes_platform_namespace or None,
+            keep_on_close=settings.kubernetes_keep_on_close,
+            split_log_streams=settings.kubernetes_split_logs,
+            startup_timeout=int(settings.verify_timeout),
+            ingress_class=settings.kubernetes_ingress_class or None,
+        )
+        namespace_for = self._team_namespace if settings.kubernetes_namespace_per_team else None
+        return KubernetesBackend(
+            self.logstore.append, images=builder.images, config=config, namespace_for=namespace_for
+        )
+
+    def _team_namespace(self, app_id: str) -> str:
+        """``fdp-{team slug}``: the namespace of an app's objects when each team has its own (cached)."""
+        cached = self._namespaces.get(app_id)
+        if cached is not None:
+            return cached
+        from control_plane.models import App
+
+        with self.db.session() as s:
+            app = s.get(App, app_id)
+            team = s.get(Team, app.team_id) if app is not None else None
+        namespace = f"fdp-{team.slug}" if team is not None else self.settings.kubernetes_namespace
+        self._namespaces[app_id] = namespace
+        return namespace
 
     async def start(self) -> None:
         await asyncio.to_thread(self.db.migrate)
@@ -152,15 +206,81 @@ class Platform:
         self.instrumentation.warm_up()
         await self.router.start(self.settings.router_host, self.settings.router_port)
         await self._start_image_receiver()
-        await self.backend.recover()
-        await self.deployer.restore()
-        self._autoscaler = asyncio.get_running_loop().create_task(self.fleet.run(), name="autoscaler")
-        self._maintenance = asyncio.get_running_loop().create_task(self._maintain(), name="maintenance")
+        loop = asyncio.get_running_loop()
+        self._maintenance = loop.create_task(self._maintain(), name="maintenance")
+        if self.settings.leader_election == "lease":
+            # Several control planes, one database: the API serves everywhere, the Lease's holder runs
+            # the apps (fleet, autoscaler, deploys); the others wait to take over.
+            self.deployer.leading = False
+            self._elector = self._make_elector()
+            self._election = loop.create_task(self._elector.run(), name="leader-election")
+        else:
+            await self._lead()
         self.ready.set()
 
+    async def _lead(self) -> None:
+        """Become the one that runs the apps: adopt or restart what serves, then drive it."""
+        self.deployer.leading = True
+        await self.backend.recover()
+        await self.deployer.restore()
+        loop = asyncio.get_running_loop()
+        self._autoscaler = loop.create_task(self.fleet.run(), name="autoscaler")
+        self._reconciler = loop.create_task(self.deployer.reconcile(), name="reconciler")
+        headroom = self.settings.kubernetes_headroom
+        set_headroom = getattr(self.backend, "set_headroom", None)
+        if headroom and set_headroom is not None:
+            cpus, memory_mb = await asyncio.to_thread(self.deployer.instance_size)
+            try:
+                await set_headroom(headroom, cpus=cpus, memory_mb=memory_mb)
+            except Exception as exc:
+                log.warning("node headroom placeholders not applied: %s", exc)
+        log.info("this control plane runs the apps")
+
+    def _make_elector(self) -> Any:
+        import socket
+
+        from control_plane.leader import LeaderElector, Timing
+        from runtime.backends._k8s_client import Kube
+
+        settings = self.settings
+        identity = settings.pod_name or socket.gethostname()
+        return LeaderElector(
+            Kube(settings.kubeconfig or None),
+            namespace=settings.pod_namespace or settings.kubernetes_namespace,
+            name=settings.leader_lease,
+            identity=identity,
+            pod=settings.pod_name or None,
+            on_started=self._lead,
+            on_stopped=self._lost_leadership,
+            timing=Timing(
+                lease_duration=settings.leader_lease_duration,
+                renew_deadline=settings.leader_renew_deadline,
+                retry_period=settings.leader_retry_period,
+            ),
+        )
+
+    async def _lost_leadership(self) -> None:
+        """Another control plane leads now: leave the apps as they are (it adopts them) and stop, as
+        controllers do; the orchestrator restarts this one as a follower."""
+        self.deployer.leading = False
+        if self._stopping:
+            return  # a graceful stop hands the lease over; stop() does the rest
+        log.warning("lost the leadership: leaving the apps to the new leader and stopping")
+        for task in (self._autoscaler, self._reconciler):
+            if task is not None:
+                task.cancel()
+        detach = getattr(self.backend, "detach", None)
+        if detach is not None:
+            detach()
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
+
     async def stop(self) -> None:
+        self._stopping = True
         self.ready.clear()
-        for task in (self._autoscaler, self._maintenance):
+        for task in (self._election, self._reconciler, self._autoscaler, self._maintenance):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -197,8 +317,15 @@ class Platform:
     async def _start_image_receiver(self) -> None:
         """Containers reach the host at their network's gateway, not on loopback: the OTLP receiver also
         listens there (on the API's port) when the API itself does not listen on every interface."""
+        if not self.settings.tracing:
+            return
+        if self.settings.instance_otlp_url:  # the operator says where instances reach us
+            self.instrumentation.image_receiver = self.settings.instance_otlp_url
+            return
         gateway = getattr(self.backend, "gateway", None)
-        if gateway is None or not self.settings.tracing:
+        if gateway is None:
+            if self.settings.public_url:  # pods in a cluster reach the API where its clients do
+                self.instrumentation.image_receiver = f"{self.settings.api_url}/v1/traces"
             return
         try:
             host = await asyncio.to_thread(gateway)

@@ -1,4 +1,5 @@
-"""One suite, every backend: what the control plane relies on, checked against ``process`` and ``docker``.
+"""One suite, every backend: what the control plane relies on, checked against ``process``, ``docker`` and
+``kubernetes``.
 
 Each test runs once per backend (the ``kind`` fixture): start and readiness (lifespan done, health
 answering), graceful and forced stop, output per instance with levels, env vars, failing apps, crash
@@ -7,7 +8,10 @@ serving on, or gone: never left running unwatched). Resource limits are parametr
 backends that enforce them (``ENFORCE_LIMITS``): ``process`` does not limit memory or CPU yet.
 
 The docker backend runs an image of the same app, built once per module by ``runtime/images.py`` on the
-test base image (``scripts/test`` prepares it). Waits poll with deadlines; no test sleeps.
+test base image (``scripts/test`` prepares it). The kubernetes backend runs the same image, pushed to the
+test registry and deployed by digest, on the FAKE cluster of ``tests/kubefake`` (a real HTTP API server
+and a kubelet that runs each pod as Docker containers: no cluster can run here); an instance is a pod,
+its host the pod IP. Waits poll with deadlines; no test sleeps.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -36,13 +40,17 @@ from runtime.health import probe
 from runtime.images import LABEL, BuiltImage, ImageMeta, build_image
 from tests import dockerenv
 
+if TYPE_CHECKING:
+    from tests.kubefake import FakeCluster
+
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux backends"),
 ]
 
-KINDS = ["process", "docker"]
-ENFORCE_LIMITS = ["docker"]  # process: InstanceSpec.memory_mb / cpus are not enforced (documented in base.py)
+KINDS = ["process", "docker", "kubernetes"]
+# process: InstanceSpec.memory_mb / cpus are not enforced (documented in base.py)
+ENFORCE_LIMITS = ["docker", "kubernetes"]
 START_TIMEOUT = 60.0
 WAIT = 15.0
 
@@ -171,6 +179,58 @@ def docker_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltImag
         client.images.remove(built.image_id, force=True)
 
 
+@pytest.fixture(scope="module")
+def kube_image(
+    docker_image: BuiltImage | None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BuiltImage | None]:
+    """The conformance image pushed to the test registry: Kubernetes runs images by digest."""
+    if docker_image is None or not dockerenv.REGISTRY:
+        yield None
+        return
+    from runtime.backends.docker import DockerBackend
+    from runtime.registry import Registry
+
+    tmp = tmp_path_factory.mktemp("conformance-kube-image")
+    src = tmp / "src"
+    src.mkdir()
+    (src / "main.py").write_text(textwrap.dedent(APP))
+    (src / "requirements.txt").write_text("fastapi\nuvicorn\n")
+    engine = DockerBackend(tmp / "state", lambda record: None).images
+    built = build_image(
+        detect_project(src),
+        src,
+        ImageMeta(app_id="conformance", deployment_id=uuid.uuid4().hex, hostname="app1.test"),
+        engine=engine,
+        cache_dir=tmp / "cache",
+        base_image=dockerenv.BASE_IMAGE,
+        log=lambda line: None,
+        registry=Registry.parse(
+            f"{dockerenv.REGISTRY}/conformance",
+            username=dockerenv.REGISTRY_USERNAME,
+            password=dockerenv.REGISTRY_PASSWORD,
+        ),
+    )
+    yield built
+    with dockerenv.connected() as client:
+        client.images.remove(built.image_id, force=True)
+
+
+@pytest.fixture(scope="module")
+def fake_cluster(
+    kube_image: BuiltImage | None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FakeCluster | None]:
+    """A FAKE Kubernetes cluster (tests/kubefake) whose kubelet runs pods on the test Docker engine."""
+    if kube_image is None:
+        yield None
+        return
+    from tests.kubefake import FakeCluster
+
+    with FakeCluster(
+        tmp_path_factory.mktemp("kubefake"), sandbox_image=dockerenv.BASE_IMAGE, restart_backoff=1.0
+    ) as cluster:
+        yield cluster
+
+
 @dataclass
 class Harness:
     """One backend kind: how to make its backends and specs, and how to kill or find its instances."""
@@ -178,11 +238,42 @@ class Harness:
     kind: str
     tmp: Path
     image: BuiltImage | None
+    cluster: FakeCluster | None = None
     made: list[Backend] = field(default_factory=list)
+    namespace: str = field(default_factory=lambda: f"conformance-{uuid.uuid4().hex[:8]}")
+    killed: dict[str, str] = field(default_factory=dict)
 
     def backend(self, logs: Logs, on_exit: Callable[[Instance], None] | None = None) -> Backend:
         backend: Backend
-        if self.kind == "docker":
+        if self.kind == "kubernetes":
+            from runtime.backends.kubernetes import KubernetesBackend, KubernetesConfig
+            from runtime.registry import Registry
+
+            assert self.cluster is not None
+            for previous in self.made:  # a second backend stands for a restarted control plane:
+                previous.detach()  # type: ignore[attr-defined]  # the first one is gone (crashed)
+            config = KubernetesConfig(
+                namespace=self.namespace,
+                platform_id=self.namespace,
+                kubeconfig=str(self.cluster.kubeconfig),
+                registry=Registry.parse(
+                    dockerenv.REGISTRY,
+                    username=dockerenv.REGISTRY_USERNAME,
+                    password=dockerenv.REGISTRY_PASSWORD,
+                ),
+                split_log_streams=True,  # the fake serves the PodLogsQuerySplitStreams stream= parameter
+                # A pod deleted before its app installed signal handlers ignores SIGTERM (PID 1) and
+                # lives out its grace period, on a real kubelet as on the fake one: keep it short here.
+                termination_grace=5,
+            )
+            backend = KubernetesBackend(
+                logs.append,
+                images=None,
+                config=config,
+                on_exit=on_exit,
+                namespace_for=lambda app: self.namespace,
+            )
+        elif self.kind == "docker":
             from runtime.backends.docker import DockerBackend
 
             backend = DockerBackend(self.tmp / "state", logs.append, on_exit=on_exit)
@@ -193,7 +284,7 @@ class Harness:
 
     def spec(self, *, memory_mb: int | None = None, cpus: float | None = None, **env: str) -> InstanceSpec:
         deployment = f"dep-{uuid.uuid4().hex[:8]}"
-        if self.kind == "docker":
+        if self.kind in ("docker", "kubernetes"):
             assert self.image is not None
             return InstanceSpec(
                 app_id="app1",
@@ -223,19 +314,45 @@ class Harness:
         )
 
     def kill(self, instance: Instance) -> None:
-        """SIGKILL from outside, as an operator or the kernel would."""
-        if self.kind == "docker":
+        """SIGKILL from outside, as an operator or the kernel would (kubernetes: the pod's container,
+        as the kernel's OOM killer would; the kubelet then restarts it in the same pod)."""
+        if self.kind == "kubernetes":
+            container = self.made[-1].container_id(instance.id).removeprefix("docker://")  # type: ignore[attr-defined]
+            self.killed[instance.id] = container
+            with dockerenv.connected() as client:
+                client.containers.get(container).kill()
+        elif self.kind == "docker":
             with dockerenv.connected() as client:
                 client.containers.get(f"fdp-{instance.id}").kill()
         else:
             os.killpg(instance.pid, signal.SIGKILL)
 
     def running(self, instance_id: str) -> bool:
-        """Whether the instance still runs anywhere, watched or not."""
+        """Whether the instance still runs anywhere, watched or not (kubernetes: a container of its pod;
+        after a kill, the container it ran in: a container the kubelet restarts in the pod is a new
+        process, which the backend deletes with the pod)."""
+        if self.kind == "kubernetes":
+            found = dockerenv.containers(f"dev.kubefake.pod={instance_id}")
+            if instance_id in self.killed:
+                found = [c for c in found if c["Id"] == self.killed[instance_id]]
+            return any(
+                c["State"] == "running" and c["Labels"].get("dev.kubefake.container") != "sandbox"
+                for c in found
+            )
         if self.kind == "docker":
             found = dockerenv.containers(f"{LABEL}.instance={instance_id}")
             return any(c["State"] == "running" for c in found)
         return any(_launcher_of(pid, instance_id) for pid in _pids())
+
+    def host(self, instance: Instance) -> str:
+        """Where the router reaches the instance: loopback, or (kubernetes) the pod's IP, as the API says."""
+        if self.kind != "kubernetes":
+            return "127.0.0.1"
+        assert self.cluster is not None
+        from tests.kubefake.resources import kind_of
+
+        pod = self.cluster.store.get(kind_of("Pod"), self.namespace, instance.id)
+        return str(pod["status"]["podIP"])
 
 
 def _pids() -> list[int]:
@@ -257,13 +374,37 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def harness(kind: str, tmp_path: Path, docker_image: BuiltImage | None) -> AsyncIterator[Harness]:
-    if kind == "docker":
+async def harness(
+    kind: str,
+    tmp_path: Path,
+    docker_image: BuiltImage | None,
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Harness]:
+    if kind in ("docker", "kubernetes"):
         dockerenv.require()
-    h = Harness(kind=kind, tmp=tmp_path, image=docker_image)
+    cluster = None
+    image = docker_image
+    if kind == "kubernetes":
+        if not dockerenv.REGISTRY:
+            pytest.skip("no test registry (FASTAPI_DEPLOY_TEST_REGISTRY): Kubernetes runs images by digest")
+        image = request.getfixturevalue("kube_image")
+        cluster = request.getfixturevalue("fake_cluster")
+    h = Harness(kind=kind, tmp=tmp_path, image=image, cluster=cluster)
     yield h
     for backend in reversed(h.made):
         await backend.close(timeout=5)
+    if kind == "kubernetes":
+        assert cluster is not None
+        from tests.kubefake.resources import kind_of
+
+        await eventually(
+            lambda: (
+                not cluster.store.list(kind_of("Pod"), h.namespace)[0]
+                and not dockerenv.containers(f"dev.kubefake.namespace={h.namespace}")
+            ),
+            "pods removed",
+            timeout=30,
+        )
     if kind == "docker":
         platform = h.made[0].platform_id if h.made else ""  # type: ignore[attr-defined]
         await eventually(
@@ -301,7 +442,7 @@ async def test_start_returns_a_ready_healthy_instance(harness: Harness, logs: Lo
 
     assert instance.state == InstanceState.WARM
     assert backend.instances() == [instance]
-    assert (instance.host, instance.port > 0) == ("127.0.0.1", True)
+    assert (instance.host, instance.port > 0) == (harness.host(instance), True)
     answer = await get(instance)
     assert answer == {"started": True, "instance": instance.id}  # the lifespan ran before start() returned
     assert f"startup of {instance.id}" in logs.messages(instance.id, "stdout")
@@ -395,7 +536,7 @@ async def test_a_failing_app_raises_verify_error(
     assert backend.instances() == []
 
 
-# -- crashes --------------------------------------------------------------------------------------------
+# -- crashes ---------------------------------------------------------------------------------------------
 
 
 async def test_a_crash_is_reported(harness: Harness, logs: Logs) -> None:
@@ -425,7 +566,7 @@ async def test_a_kill_from_outside_is_reported(harness: Harness, logs: Logs) -> 
     assert not harness.running(instance.id)
 
 
-# -- after a control-plane restart ------------------------------------------------------------------------
+# -- after a control-plane restart -----------------------------------------------------------------------
 
 
 async def test_recover_adopts_or_stops_what_a_previous_run_left(harness: Harness) -> None:
@@ -459,11 +600,12 @@ async def test_recover_adopts_or_stops_what_a_previous_run_left(harness: Harness
         else:  # not adopted: stopped, nothing left running unwatched
             assert not harness.running(instance.id)
             assert await probe(instance.host, instance.port, spec.hostname, "/", timeout=1) is None
-    expected = len(left) if harness.kind == "docker" else 0  # process: its pipes died with the old run
+    # process: its pipes died with the old run; docker and kubernetes adopt by label
+    expected = len(left) if harness.kind in ("docker", "kubernetes") else 0
     assert len(adopted) == expected
 
 
-# -- resource limits (only where enforced) -----------------------------------------------------------------
+# -- resource limits (only where enforced) ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ENFORCE_LIMITS)

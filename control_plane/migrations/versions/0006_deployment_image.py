@@ -1,0 +1,27 @@
+"""the built image of a deployment, in the database (any control plane can run it)
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-01 20:30:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+import sqlmodel
+from alembic import op
+
+revision: str = "0006"
+down_revision: str | None = "0005"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("deployment", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("image", sqlmodel.sql.sqltypes.AutoString(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("deployment", schema=None) as batch_op:
+        batch_op.drop_column("image")
