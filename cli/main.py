@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from cli import admin, apps, auth, deployments, env, insights, logs, observe, push, scale, teams
+from cli import admin, alerts, apps, auth, deployments, env, insights, logs, observe, push, scale, teams
 from cli.errors import CLIError
 from cli.session import Session
 
@@ -28,6 +28,7 @@ app.add_typer(apps.app)
 app.add_typer(logs.app)
 app.add_typer(observe.app)
 app.add_typer(insights.app)
+app.add_typer(alerts.app)
 app.add_typer(env.app, name="env")
 app.add_typer(deployments.app)
 app.add_typer(scale.app)

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from control_plane import prometheus
 from control_plane.api import (
     admin,
+    alerts,
     apps,
     auth,
     deployments,
@@ -67,7 +68,20 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     # Outermost: records every mutating call, whatever the inner layers answer.
     app.add_middleware(AuditMiddleware)
-    for module in (auth, teams, apps, deployments, logs, env, tokens, scaling, telemetry, insights, admin):
+    for module in (
+        auth,
+        teams,
+        apps,
+        deployments,
+        logs,
+        env,
+        tokens,
+        scaling,
+        telemetry,
+        insights,
+        alerts,
+        admin,
+    ):
         app.include_router(
             module.router, prefix="/api/v1", responses=error_responses(400, 401, 403, 404, 409, 413, 429)
         )

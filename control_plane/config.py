@@ -110,6 +110,8 @@ class Settings:
     """If set, ``/metrics`` needs ``Authorization: Bearer <it>``; else it is open, like most exporters."""
     log_retention_days: float = 14.0
     """Log lines older than this are dropped (in whole segments), whatever the size retention allows."""
+    alert_interval: float = 30.0
+    """Seconds between evaluations of the SLOs' burn rates."""
     instance_otlp_url: str = ""
     """Where instances send spans and metrics (``.../v1/traces``); empty: the API on loopback (process),
     the instances' network's gateway (docker), ``public_url`` (kubernetes)."""
@@ -245,6 +247,7 @@ class Settings:
             "metrics_fine_retention": ("FASTAPI_DEPLOY_METRICS_FINE_RETENTION", float),
             "metrics_coarse_retention": ("FASTAPI_DEPLOY_METRICS_COARSE_RETENTION", float),
             "log_retention_days": ("FASTAPI_DEPLOY_LOG_RETENTION_DAYS", float),
+            "alert_interval": ("FASTAPI_DEPLOY_ALERT_INTERVAL", float),
             "kubernetes_headroom": ("FASTAPI_DEPLOY_KUBERNETES_HEADROOM", int),
             "leader_lease_duration": ("FASTAPI_DEPLOY_LEADER_LEASE_DURATION", float),
             "leader_renew_deadline": ("FASTAPI_DEPLOY_LEADER_RENEW_DEADLINE", float),

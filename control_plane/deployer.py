@@ -90,10 +90,12 @@ class Deployer:
         secrets: SecretBox,
         instrumentation: Instrumentation | None = None,
         app_log: LogSink | None = None,
+        on_alert: Callable[..., None] | None = None,
     ) -> None:
         self.settings = settings
         self.instrumentation = instrumentation
         self.app_log = app_log
+        self.on_alert = on_alert
         self._app_of: dict[str, str] = {}  # deployment id -> app id, while it runs
         self._running: set[str] = set()
         self.leading = True
@@ -232,6 +234,16 @@ class Deployer:
             except RuntimeFailure as exc:
                 await self._fail(dep.id, exc.code, exc.title, exc.message, exc.hint)
                 self._outcome(dep.app_id, _status_for(exc.code), started)
+                if self.on_alert is not None:
+                    self.on_alert(
+                        dep.app_id,
+                        "deploy_failed",
+                        f"Deployment {dep.slug} failed: {exc.title}. {exc.message}",
+                        key=dep.id,
+                        deployment_id=dep.id,
+                        error_code=exc.code,
+                        hint=exc.hint,
+                    )
             except asyncio.CancelledError:
                 await asyncio.shield(
                     self._fail(

@@ -107,6 +107,8 @@ class Fleet:
         self._wake = asyncio.Event()
         self._closing = False
         self.router.on_queue = self._on_queue
+        self.on_alert: Callable[..., None] | None = None
+        """``on_alert(app_id, kind, message, **data)``: crash loops and OOM kills (control_plane/alerting)."""
 
     # -- deploys ---------------------------------------------------------------------------------
 
@@ -366,9 +368,29 @@ class Fleet:
         else:
             return
         delay = self._crashes.setdefault(revision.app_id, _CrashHistory()).record(self.clock())
+        if instance.oom and self.on_alert is not None:
+            limit = instance.spec.memory_mb
+            self.on_alert(
+                revision.app_id,
+                "oom",
+                f"Instance {instance.id} was killed: out of memory (limit {limit} MiB)",
+                key=f"oom-{instance.id}",
+                instance=instance.id,
+                memory_mb=limit,
+            )
         if delay:
             log.warning("app %s is crash-looping; next start in %.1fs", revision.app_id, delay)
             revision.hold_starts_until = self.clock() + delay
+            if self.on_alert is not None:
+                self.on_alert(
+                    revision.app_id,
+                    "crash_loop",
+                    f"The app is crash-looping: instance {instance.id} exited with code {instance.exit_code} "
+                    f"({len(self._crashes[revision.app_id].times)} crashes in {_CRASH_WINDOW:.0f} s); "
+                    f"next start in {delay:.1f} s",
+                    instance=instance.id,
+                    exit_code=instance.exit_code,
+                )
         self._wake.set()
 
     async def close(self) -> None:

@@ -280,3 +280,52 @@ class TraceSummary(SQLModel, table=True):
     http_status: int = 0
     error: bool = False
     span_count: int = 0
+
+
+class Slo(SQLModel, table=True):
+    """A service level objective of an app (``control_plane/slo.py`` does the math)."""
+
+    id: str = Field(default_factory=new_id, primary_key=True)
+    app_id: str = Field(foreign_key="app.id", index=True)
+    name: str
+    kind: str  # "availability" | "latency"
+    target: float
+    """The fraction of requests that must be good (0.999)."""
+    threshold_ms: float | None = None
+    """Latency SLOs: a request is good when answered within this many milliseconds."""
+    window_s: float = 30 * 86400.0
+    state: str = "{}"
+    """The alert's state between evaluations (``AlertState.as_dict()``), JSON."""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Webhook(SQLModel, table=True):
+    """Where an app's alerts are sent: a generic JSON endpoint or a Slack incoming webhook."""
+
+    id: str = Field(default_factory=new_id, primary_key=True)
+    app_id: str = Field(foreign_key="app.id", index=True)
+    url: str
+    kind: str = "json"  # "json" | "slack"
+    secret: str = Field(default_factory=lambda: secrets.token_hex(16))
+    """JSON webhooks carry ``X-FastAPI-Deploy-Signature: sha256=<HMAC of the body under it>``."""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Alert(SQLModel, table=True):
+    """One alert of an app, from firing to resolved: an SLO burning its budget, a crash loop, an
+    instance killed at its memory limit, a failed deploy."""
+
+    id: str = Field(default_factory=new_id, primary_key=True)
+    app_id: str = Field(index=True)
+    kind: str  # "slo" | "crash_loop" | "oom" | "deploy_failed"
+    key: str = Field(index=True)
+    """What makes two firings the same incident (the SLO's id, ``crash_loop``, a deployment id)."""
+    severity: str = "page"  # "page" | "ticket" | "info"
+    status: str = "firing"  # "firing" | "resolved"
+    message: str
+    data: str = "{}"
+    """JSON: the notification's details (burn rates, the instance, the deployment)."""
+    started_at: datetime = Field(default_factory=utcnow, index=True)
+    resolved_at: datetime | None = None
+    deliveries: str = "[]"
+    """JSON list of ``{"webhook", "status", "at", "error"}``: what each send answered."""

@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlmodel import select
 
+from control_plane.alerting import Alerts
 from control_plane.buildlogs import BuildLogs
 from control_plane.config import Settings
 from control_plane.db import Database
@@ -94,6 +95,9 @@ class Platform:
             forwarder=forwarder,
         )
         self.router.on_request_done = self._request_done
+        self.alerts = Alerts(
+            self.db, self.rollups, app_url=settings.app_url, interval=settings.alert_interval
+        )
         self.fleet = Fleet(
             self.backend,
             self.router,
@@ -105,6 +109,7 @@ class Platform:
             external_scaling=settings.backend == "kubernetes" and settings.kubernetes_scaling == "hpa",
         )
         self.backend.on_exit = self.fleet.on_exit
+        self.fleet.on_alert = self.alerts.raise_alert
         self._telemetry_key = b""
         self.instrumentation = Instrumentation(
             settings, self.metrics, self.telemetry_token, layers_dir=self.paths.root / "otel"
@@ -117,6 +122,7 @@ class Platform:
             self.secrets,
             instrumentation=self.instrumentation,
             app_log=self.logstore.append,
+            on_alert=self.alerts.raise_alert,
         )
         self.bootstrap: Bootstrap | None = None
         self.ready = asyncio.Event()
@@ -226,6 +232,7 @@ class Platform:
         loop = asyncio.get_running_loop()
         self._autoscaler = loop.create_task(self.fleet.run(), name="autoscaler")
         self._reconciler = loop.create_task(self.deployer.reconcile(), name="reconciler")
+        self.alerts.start()
         headroom = self.settings.kubernetes_headroom
         set_headroom = getattr(self.backend, "set_headroom", None)
         if headroom and set_headroom is not None:
@@ -285,6 +292,7 @@ class Platform:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         await self.deployer.close()
+        await self.alerts.stop()
         await self.router.stop(timeout=5.0)
         await self.fleet.close()
         await self.events.stop()

@@ -366,6 +366,48 @@ class Rollups:
             ],
         }
 
+    def totals(self, app_id: str, window_s: float) -> tuple[int, int, list[int]]:
+        """Requests, server errors and the latency histogram of the app's last ``window_s`` seconds
+        (to the resolution kept that far back; the windows still in memory included): the SLO counts."""
+        now = self.clock()
+        start = int((now - window_s) // RESOLUTION) * RESOLUTION
+        sources = [(RESOLUTION, start)]
+        if window_s > self.fine_retention:
+            sources = [(COARSE, start), (RESOLUTION, self._coarse_done)]
+        total = errors = 0
+        hist = [0] * (len(BOUNDS) + 1)
+        seen: set[int] = set()
+        with self.db.session() as s:
+            for res, lo in sources:
+                query = select(MetricPoint).where(
+                    MetricPoint.app_id == app_id,
+                    MetricPoint.resolution == res,
+                    MetricPoint.route == "",
+                    col(MetricPoint.ts) >= lo,
+                )
+                if res == COARSE:
+                    query = query.where(col(MetricPoint.ts) < self._coarse_done)
+                for row in s.exec(query).all():
+                    if res == RESOLUTION:
+                        seen.add(row.ts)
+                    total += row.requests
+                    errors += row.errors
+                    for i, n in enumerate(decode_hist(row.hist)):
+                        hist[i] += n
+        live = [b for a, b in self._unwritten if a == app_id]
+        bucket = self.metrics.open.get(app_id)
+        if bucket is not None:
+            live.append(bucket)
+        for b in live:
+            if b.start in seen or b.start < start:
+                continue
+            cell = b.overall()
+            total += cell.requests
+            errors += cell.errors
+            for i, n in enumerate(cell.hist):
+                hist[i] += n
+        return total, errors, hist
+
     def delete_app(self, app_id: str) -> None:
         with self.db.session() as s:
             s.exec(delete(MetricPoint).where(col(MetricPoint.app_id) == app_id))

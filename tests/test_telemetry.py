@@ -529,3 +529,34 @@ def test_a_block_report_brings_back_the_request_it_stalled() -> None:
     sampler.force(8, "block of 8")  # type: ignore[arg-type]
     assert sampler.finish(8, 1_000, False, lambda: "request of 8")
     assert sink.got[-2:] == ["block of 8", "request of 8"]
+
+
+def test_alert_rules_scale_their_windows_with_the_slo() -> None:
+    from control_plane import slo as slo_math
+    from control_plane.alerting import rules_for
+
+    thirty = slo_math.SLO.availability("a", 0.999)
+    assert rules_for(thirty) == slo_math.DEFAULT_RULES
+    day = rules_for(slo_math.SLO.availability("a", 0.999, window_s=86400))
+    assert [(r.long_window_s, r.short_window_s, r.burn_rate) for r in day[:2]] == [
+        (120.0, 10.0, 14.4),
+        (720.0, 60.0, 6.0),
+    ]
+    tiny = rules_for(slo_math.SLO.availability("a", 0.999, window_s=600))
+    assert min(r.short_window_s for r in tiny) == 10.0  # never below the rollups' resolution
+
+
+def test_rollup_totals_cover_the_window_and_the_live_bucket(db: Database) -> None:
+    clock = Clock(1_000_020.0)
+    m = _metrics(clock)
+    rollups = Rollups(db, m, clock=clock)
+    for status in (200, 200, 503):
+        m.request_done("app1", Info(status=status), 100.01)  # type: ignore[arg-type]
+    clock.now += 10
+    rollups._unwritten += m.roll()
+    rollups.flush()
+    m.request_done("app1", Info(status=500), 100.5)  # type: ignore[arg-type]  # still open
+    total, errors, hist = rollups.totals("app1", 60)
+    assert (total, errors, sum(hist)) == (4, 2, 4)
+    clock.now += 120
+    assert rollups.totals("app1", 60)[0] == 0  # all of it older than the window

@@ -199,6 +199,11 @@ async def delete_app(app_id: str, platform: PlatformDep, principal: PrincipalDep
                 s.delete(dep)
             for var in s.exec(select(EnvVar).where(EnvVar.app_id == app.id)).all():
                 s.delete(var)
+            from control_plane.models import Alert, Slo, Webhook
+
+            for table in (Slo, Webhook, Alert):
+                for owned in s.exec(select(table).where(table.app_id == app.id)).all():
+                    s.delete(owned)
             for tok in s.exec(select(ApiToken).where(ApiToken.app_id == app.id)).all():
                 tok.revoked_at = utcnow()
                 s.add(tok)
@@ -211,6 +216,8 @@ async def delete_app(app_id: str, platform: PlatformDep, principal: PrincipalDep
         for dep in deps:
             shutil.rmtree(platform.paths.deployments / dep.id, ignore_errors=True)
         platform.logstore.delete_app(app.id)
+        platform.rollups.delete_app(app.id)
+        platform.traces.delete_app(app.id)
 
     await asyncio.to_thread(delete)
     return Response(status_code=204)
