@@ -34,6 +34,13 @@ def scale(
             "--scale-to-zero-after", help="Seconds without traffic before scaling to zero (with --min 0)."
         ),
     ] = None,
+    max_concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--max-concurrency",
+            help="Requests in flight per instance before the router queues the rest (0: no limit).",
+        ),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Show or change an app's autoscaling: min, max, target concurrency, pre-warm, scale to zero."""
@@ -48,6 +55,7 @@ def scale(
             "target_concurrency": concurrency,
             "prewarm": prewarm,
             "scale_to_zero_after": scale_to_zero_after,
+            "max_concurrency": max_concurrency,
         }.items()
         if v is not None
     }
@@ -67,6 +75,10 @@ def render(out: Output, s: dict[str, Any]) -> None:
         ("Instances", f"min {s['min_instances']}, max {s['max_instances']}"),
         ("Target concurrency", f"{s['target_concurrency']:g} in-flight requests per instance"),
         ("Pre-warm", f"{s['prewarm']} warm spare(s)"),
+        (
+            "Max concurrency",
+            f"{s['max_concurrency']} per instance, then queued" if s.get("max_concurrency") else "no limit",
+        ),
         (
             "Scale to zero",
             f"after {s['scale_to_zero_after']:g}s idle" if s["min_instances"] == 0 else "off (min ≥ 1)",

@@ -55,6 +55,7 @@ def scaling_settings(app: App) -> ScalingSettings:
         target_concurrency=app.target_concurrency,
         prewarm=app.prewarm,
         scale_to_zero_after=app.scale_to_zero_after,
+        max_concurrency=app.max_concurrency,
     )
 
 

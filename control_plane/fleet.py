@@ -189,6 +189,7 @@ class Fleet:
             revision.settings = settings
             if revision.external:  # new floor and ceiling for the backend's autoscaler
                 self._spawn(self._hand_over(revision), f"autoscale-{revision.deployment_id}")
+            self._route(revision)  # the concurrency limit, at once
             self._wake.set()
 
     def instances_of(self, app_id: str) -> list[Instance]:
@@ -408,7 +409,9 @@ class Fleet:
     def _route(self, revision: Revision) -> None:
         self.metrics.set_instances(revision.app_id, revision.deployment_id, (i.id for i in revision.serving))
         upstreams = [Upstream(id=i.id, host=i.host, port=i.port) for i in revision.serving]
-        self.router.set_app(revision.hostname, revision.app_id, upstreams)
+        self.router.set_app(
+            revision.hostname, revision.app_id, upstreams, limit=revision.settings.max_concurrency
+        )
 
     async def _retire(self, revision: Revision, timeout: float | None = None) -> None:
         limit = self.drain_timeout if timeout is None else timeout

@@ -137,6 +137,8 @@ class App(SQLModel, table=True):
     scale_to_zero_after: float = 300.0
     fail_on_blocking: bool = False
     """Refuse a build whose async code calls blocking APIs (``control_plane/insights.py``)."""
+    max_concurrency: int = 0
+    """Requests in flight per instance before the router queues the rest (0: no limit)."""
 
 
 class Deployment(SQLModel, table=True):

@@ -96,9 +96,12 @@ class ScalingSettings:
     """One decision may at most divide serving by this (> 1)."""
     scale_down_delay: float = 0.0
     """Seconds over which the max want is held before scaling down (Knative's ``scale-down-delay``)."""
+    max_concurrency: int = 0
+    """Hard limit of requests in flight per instance, enforced by the router: past it requests wait in
+    the app's queue (Knative's ``containerConcurrency``; 0: no limit). Not an input of the policy."""
 
     def __post_init__(self) -> None:
-        for name in ("min_instances", "max_instances", "prewarm"):
+        for name in ("min_instances", "max_instances", "prewarm", "max_concurrency"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")

@@ -69,6 +69,8 @@ async def load(port: int, host: str, clients: int, seconds: float) -> dict[str, 
                     stats["errors"].append(status.decode().strip())
                 if headers.get("x-cold-start") == "1":
                     stats["cold"] += 1
+                if "x-queue-time" in headers:
+                    stats["queued"] = stats.get("queued", 0) + 1
         except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
             stats["errors"].append(repr(exc))
         finally:
@@ -161,3 +163,21 @@ def test_scale_to_zero_and_back(server: Server, tmp_path: Path) -> None:
     assert r.headers.get("x-cold-start") == "1"
     assert float(r.headers["x-queue-time"]) > 0
     assert scaling(server, "sleepy")["current"]["serving"] >= 1
+
+
+def test_a_surge_past_the_concurrency_limit_queues_then_scales(server: Server, tmp_path: Path) -> None:
+    """With a hard limit of 2 in flight per instance, 8 clients are more than one instance takes: the
+    rest wait in the router's queue (X-Queue-Time), never fail, and the queue makes the app scale."""
+    deploy_slow_app(server, tmp_path, "capped")
+    out = server.cli_json(
+        "scale", "capped", "--min", "1", "--max", "4", "--concurrency", "2", "--max-concurrency", "2"
+    )
+    assert out["max_concurrency"] == 2
+    host = f"capped.localhost:{server.router_port}"
+    stats = asyncio.run(load(server.router_port, host, 8, 4.0))
+    assert stats["errors"] == [], stats["errors"][:3]
+    assert stats["ok"] > 50 and stats.get("queued", 0) > 0
+    current = scaling(server, "capped")["current"]
+    assert current["serving"] >= 2, current
+    assert current["queued_total"] > 0 and current["cold_starts"] == 0
+    assert {"forecast_concurrency", "predicted_instances"} <= set(current)  # predicted next to actual

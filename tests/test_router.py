@@ -926,6 +926,57 @@ async def test_apps_cannot_forge_the_queue_headers(apps: tuple[AppServer, AppSer
         assert "x-cold-start" not in response.headers
 
 
+async def test_a_surge_past_the_concurrency_limit_waits_in_order(apps: tuple[AppServer, AppServer]) -> None:
+    """With a limit per instance, requests past ``limit x instances`` wait in the app's queue (not on a
+    connection to a loaded instance) and are let through oldest first, as slots free."""
+    a, _ = apps
+    async with running() as router, client(router) as http:
+        router.set_app(HOST, "app-1", [a.upstream()], limit=1)
+        first = asyncio.create_task(http.get("/slow?delay=0.3"))
+        await eventually(lambda: router.in_flight().get("a") == 1, "the first request in flight")
+        second = asyncio.create_task(http.get("/slow?delay=0.05", headers={"x-order": "2"}))
+        await eventually(lambda: router.queued() == {"app-1": 1}, "the second to queue")
+        third = asyncio.create_task(http.get("/slow?delay=0.05", headers={"x-order": "3"}))
+        await eventually(lambda: router.queued() == {"app-1": 2}, "the third to queue")
+        assert router.in_flight().get("a") == 1  # the instance never got more than its limit
+        done = await asyncio.gather(first, second, third)
+        assert [r.status_code for r in done] == [200, 200, 200]
+        assert "x-queue-time" not in done[0].headers
+        assert int(done[1].headers["x-queue-time"]) >= 150 and "x-cold-start" not in done[1].headers
+        assert int(done[2].headers["x-queue-time"]) >= int(done[1].headers["x-queue-time"])
+        stats = router.stats["app-1"]
+        assert (stats.queued_total, stats.cold_starts, stats.queued) == (2, 0, 0)
+        # More instances, more room: the queue drains into the new capacity at once.
+        router.set_app(HOST, "app-1", [a.upstream()], limit=0)
+        assert (await http.get("/echo")).status_code == 200
+
+
+async def test_scaling_up_releases_the_queue_into_the_new_room(apps: tuple[AppServer, AppServer]) -> None:
+    a, b = apps
+    async with running() as router, client(router) as http:
+        router.set_app(HOST, "app-1", [a.upstream()], limit=1)
+        busy = asyncio.create_task(http.get("/slow?delay=1.0"))
+        await eventually(lambda: router.in_flight().get("a") == 1, "a busy")
+        waiting = asyncio.create_task(http.get("/echo"))
+        await eventually(lambda: router.queued() == {"app-1": 1}, "one waiting")
+        router.set_app(HOST, "app-1", [a.upstream(), b.upstream()], limit=1)  # the autoscaler adds b
+        response = await asyncio.wait_for(waiting, 0.8)  # long before a is free again
+        assert response.json()["instance"] == "b"
+        assert (await busy).status_code == 200
+
+
+async def test_the_router_wide_queue_cap_protects_every_app(apps: tuple[AppServer, AppServer]) -> None:
+    async with running(RouterConfig(max_queue_total=1, max_queue_per_app=100)) as router:
+        router.set_app("one.test", "app-1", [])
+        router.set_app("two.test", "app-2", [])
+        async with client(router, "one.test") as one, client(router, "two.test") as two:
+            waiting = asyncio.create_task(one.get("/"))
+            await eventually(lambda: router.queued().get("app-1") == 1, "app-1's request to queue")
+            refused = await two.get("/")  # another app, but the router's queue is full
+            error_of(refused, 503, "no_capacity")
+            waiting.cancel()
+
+
 # -- 10. upstream connection policy ------------------------------------------------------------------
 
 
@@ -1108,6 +1159,7 @@ async def test_traceparent_sent_to_the_instance(apps: tuple[AppServer, AppServer
             (info.head.trace_id, info.head.span_id)
         )
         router.set_app(HOST, "app-1", [a.upstream()])
+
         async def seen(**headers: str) -> dict[str, str]:
             return dict((await http.get("/headers", headers=headers)).json()["headers"])
 

@@ -28,6 +28,12 @@ class ScalingUpdate(BaseModel):
     target_concurrency: float | None = Field(None, gt=0, le=100_000)
     prewarm: int | None = Field(None, ge=0, le=100)
     scale_to_zero_after: float | None = Field(None, ge=1, le=7 * 86400)
+    max_concurrency: int | None = Field(
+        None,
+        ge=0,
+        le=100_000,
+        description="Requests in flight per instance before the router queues (0: none)",
+    )
 
 
 class ScalingNow(Shape):
@@ -61,6 +67,8 @@ class ScalingOut(Shape):
     target_concurrency: float
     prewarm: int
     scale_to_zero_after: float
+    max_concurrency: int
+    """Requests in flight per instance before the router queues the rest (0: no limit)."""
     stable_window: float
     panic_window: float
     current: ScalingNow | None
@@ -114,6 +122,7 @@ def scaling_out(platform: Platform, app: App) -> dict[str, Any]:
         "target_concurrency": settings.target_concurrency,
         "prewarm": settings.prewarm,
         "scale_to_zero_after": settings.scale_to_zero_after,
+        "max_concurrency": settings.max_concurrency,
         "stable_window": settings.stable_window,
         "panic_window": settings.panic_window,
         "current": current,

@@ -97,6 +97,8 @@ class RouterConfig:
     queue_timeout: float = 10.0
     """How long a request waits for an instance when its app has none. Over it: ``503`` + ``Retry-After``."""
 
+    max_queue_total: int = 10_000
+    """Requests waiting across all apps: past it, ``503`` at once (no app can exhaust the router)."""
     max_queue_per_app: int = 1000
     """Requests allowed to wait per app; one more gets ``503`` at once."""
 
@@ -135,8 +137,8 @@ class AppStats:
     queued_total: int = 0
     """Requests that waited in the app's queue (answered ``X-Queue-Time``)."""
     cold_starts: int = 0
-    """Of those, requests that arrived while the app had no instance at all (answered ``X-Cold-Start: 1``).
-    Today every queued request is one: the queue is only used while the app has no instance."""
+    """Of those, requests that arrived while the app had no instance at all (answered ``X-Cold-Start: 1``);
+    the others found every instance at its concurrency limit."""
     queue_wait_seconds: float = 0.0
     """Seconds spent waiting in the app's queue, summed over the requests that left it (served, timed out,
     cancelled or refused)."""

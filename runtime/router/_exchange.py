@@ -133,6 +133,9 @@ class Exchange:
             self.respond_error("no_such_app", f"No app is deployed at host '{host}'.")
             return
         self.pool = pool
+        if pool.waiting and pool.instances and pool.limit and self.waited < 0:
+            self._enqueue(pool)  # first come, first served: the queue goes before new arrivals
+            return
         self._pick()
 
     def _pick(self) -> None:
@@ -157,16 +160,17 @@ class Exchange:
         if state.stopping:
             self.respond_error("no_capacity", "The router is shutting down.", retry_after=config.retry_after)
             return
-        if len(pool.waiting) >= config.max_queue_per_app:
+        if len(pool.waiting) >= config.max_queue_per_app or state.queued >= config.max_queue_total:
+            what = "has no instance ready" if not pool.instances else "has no instance free"
             self.respond_error(
                 "no_capacity",
-                f"App '{pool.app_id}' has no instance ready and {len(pool.waiting)} requests are "
-                "already waiting for one.",
+                f"App '{pool.app_id}' {what} and {len(pool.waiting)} requests are already waiting for one.",
                 retry_after=config.retry_after,
             )
             return
         assert state.loop is not None
         pool.waiting.append(self)
+        state.queued += 1
         self.queued = True
         self.queued_at = state.loop.time()
         stats = pool.stats
@@ -191,6 +195,7 @@ class Exchange:
 
     def _unqueued(self) -> None:
         self.queued = False
+        self.client.state.queued -= 1
         loop = self.client.state.loop
         assert loop is not None
         self.waited = loop.time() - self.queued_at
@@ -211,8 +216,8 @@ class Exchange:
         config = self.client.state.config
         self.respond_error(
             "no_capacity",
-            f"App '{pool.app_id}' had no instance ready to serve the request "
-            f"within {config.queue_timeout:g} s.",
+            f"App '{pool.app_id}' had no instance {'ready' if not pool.instances else 'free'} to serve the "
+            f"request within {config.queue_timeout:g} s.",
             retry_after=config.retry_after,
         )
 

@@ -41,6 +41,7 @@ class Instance:
         "id",
         "idle",
         "in_flight",
+        "pools",
         "port",
         "routed",
         "upstream",
@@ -59,6 +60,7 @@ class Instance:
         self.connecting = 0  # connects in flight
         self.drained: list[asyncio.Future[None]] = []
         self.routed = True  # still in some host's pool; unrouted and drained -> forgotten
+        self.pools: list[AppPool] = []  # the pools routing to it (whose queued requests a freed slot takes)
 
     def adopt(self, upstream: Upstream) -> None:
         """A newer `Upstream` object for the same id: it carries the count from now on."""
@@ -118,22 +120,34 @@ class Instance:
 class AppPool:
     """The instances behind one Host name, and the requests waiting for one."""
 
-    __slots__ = ("app_id", "hostname", "instances", "next", "stats", "waiting")
+    __slots__ = ("app_id", "hostname", "instances", "limit", "next", "stats", "waiting")
 
     def __init__(self, hostname: str, app_id: str, stats: AppStats) -> None:
         self.hostname = hostname
         self.app_id = app_id
         self.stats = stats
         self.instances: list[Instance] = []
+        self.limit = 0  # requests in flight per instance before new ones wait in the queue (0: no limit)
         self.next = 0  # round-robin start, so ties rotate
         self.waiting: deque[Exchange] = deque()
 
+    def free_slots(self) -> int:
+        """How many queued requests the instances can take now (all of them, without a limit)."""
+        if not self.instances:
+            return 0
+        limit = self.limit
+        if not limit:
+            return len(self.waiting)
+        return sum(max(0, limit - inst.in_flight) for inst in self.instances)
+
     def pick(self, exclude: list[Instance] | None) -> Instance | None:
-        """Least outstanding requests; ties go round robin. None if every instance is excluded."""
+        """Least outstanding requests; ties go round robin. None if every instance is excluded, or at
+        the pool's limit."""
         instances = self.instances
         count = len(instances)
         if count == 1 and exclude is None:
-            return instances[0]
+            inst = instances[0]
+            return None if self.limit and inst.in_flight >= self.limit else inst
         best: Instance | None = None
         best_at = 0
         start = self.next if self.next < count else 0
@@ -149,6 +163,8 @@ class AppPool:
                 if not inst.in_flight:
                     break
         self.next = best_at + 1
+        if best is not None and self.limit and best.in_flight >= self.limit:
+            return None  # the least loaded is full: they all are
         return best
 
 
@@ -165,10 +181,11 @@ class State:
         self.tasks: set[asyncio.Task[None]] = set()
         self.on_request_done: RequestDoneHook | None = None
         self.on_queue: QueueHook | None = None
+        self.queued = 0  # requests waiting, all apps
         self.stopping = False
         self.all_closed: asyncio.Event | None = None
 
-    def set_app(self, hostname: str, app_id: str, upstreams: list[Upstream]) -> None:
+    def set_app(self, hostname: str, app_id: str, upstreams: list[Upstream], limit: int = 0) -> None:
         key = route_key(hostname)
         instances = []
         for upstream in upstreams:
@@ -188,11 +205,22 @@ class State:
             stats.queued += len(pool.waiting)
             pool.app_id, pool.stats = app_id, stats
         # One assignment: a request picks from either the old list or the new one, never a mix.
+        for inst in pool.instances:
+            if pool in inst.pools and inst not in instances:
+                inst.pools.remove(pool)
         pool.instances = instances
+        pool.limit = max(0, limit)
         pool.next = 0
+        for inst in instances:
+            if pool not in inst.pools:
+                inst.pools.append(pool)
         self._forget_unrouted()
+        self.release_waiting(pool)
+
+    def release_waiting(self, pool: AppPool) -> None:
+        """Dispatch as many of the pool's queued requests as its instances have room for, oldest first."""
         waiting = pool.waiting
-        while instances and waiting:
+        for _ in range(min(len(waiting), pool.free_slots())):
             waiting.popleft().unqueue_and_dispatch()
 
     def remove_app(self, hostname: str) -> None:
@@ -222,6 +250,10 @@ class State:
                 inst.notify_drained()
             if not inst.routed and self.instances.get(inst.id) is inst:
                 del self.instances[inst.id]
+        for pool in inst.pools:  # a freed slot takes the oldest request waiting for this instance's app
+            if pool.waiting and pool.limit and in_flight < pool.limit:
+                pool.waiting.popleft().unqueue_and_dispatch()
+                break
 
     # -- the sweep
 

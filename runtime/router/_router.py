@@ -86,12 +86,15 @@ class Router:
 
     # -- routes
 
-    def set_app(self, hostname: str, app_id: str, upstreams: list[Upstream]) -> None:
+    def set_app(self, hostname: str, app_id: str, upstreams: list[Upstream], *, limit: int = 0) -> None:
         """Route ``hostname`` (lower-case, no port) to these instances, atomically.
 
         Requests in flight keep their instance; new ones use the new pool; requests queued for this
-        host are released to it. ``Upstream.in_flight`` of the given objects is kept up to date."""
-        self._state.set_app(hostname, app_id, list(upstreams))
+        host are released to it. ``limit``: requests in flight per instance; past it new requests wait
+        in the app's queue (bounded, deadline-aware) until a slot frees (0: no limit, a request waits
+        only while the app has no instance). ``Upstream.in_flight`` of the given objects is kept up to
+        date."""
+        self._state.set_app(hostname, app_id, list(upstreams), limit)
 
     def remove_app(self, hostname: str) -> None:
         """Stop routing ``hostname``: new requests (and queued ones) get ``404 no_such_app``."""
