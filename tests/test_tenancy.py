@@ -56,11 +56,15 @@ def example(schema: dict[str, Any], components: dict[str, Any], name: str, ids: 
     if kind == "integer":
         return max(1, schema.get("minimum", 1))
     if kind == "number":
-        return 1.0
+        low = schema.get("minimum", schema.get("exclusiveMinimum", 0.0))
+        high = schema.get("maximum", schema.get("exclusiveMaximum", low + 2.0))
+        return (low + high) / 2
     if kind == "boolean":
         return False
     if name == "email":
         return "someone@b.test"
+    if schema.get("format") == "uri":
+        return "https://hooks.b.test/alerts"
     return "x" * max(3, schema.get("minLength", 3))
 
 
@@ -79,6 +83,9 @@ async def snapshot(env: Env, b: dict[str, str], b_token: str) -> list[Any]:
         f"/admin/users/{b['user_id']}",
         f"/admin/teams/{b['team_id']}/quota",
         f"/traces/{b['trace_id']}",
+        f"/apps/{b['app_id']}/slos",
+        f"/apps/{b['app_id']}/webhooks",
+        f"/apps/{b['app_id']}/alerts",
     ):
         r = await env.get(path)
         assert r.status_code == 200, (path, r.text)
@@ -123,8 +130,18 @@ async def test_team_a_gets_404_on_every_team_b_resource(env: Env) -> None:
             )
         ],
     )
+    b_slo = (
+        await env.post(
+            f"/apps/{b_app['id']}/slos", b_token, json={"name": "b", "kind": "availability", "target": 0.99}
+        )
+    ).json()
+    b_hook = (
+        await env.post(f"/apps/{b_app['id']}/webhooks", b_token, json={"url": "https://hooks.b.test/x"})
+    ).json()
     ids = {
         "team_id": b_team,
+        "slo_id": b_slo["id"],
+        "webhook_id": b_hook["id"],
         "app_id": b_app["id"],
         "deployment_id": b_dep["id"],
         "user_id": b_user,
