@@ -110,6 +110,14 @@ class Settings:
     """If set, ``/metrics`` needs ``Authorization: Bearer <it>``; else it is open, like most exporters."""
     log_retention_days: float = 14.0
     """Log lines older than this are dropped (in whole segments), whatever the size retention allows."""
+    isolation: str = "auto"
+    """Process backend: ``auto`` (each app its own user, cgroup limits, where the host allows; the rest
+    said once in the log), ``require`` (fail what cannot be confined), ``off``. docs/ISOLATION.md."""
+    isolation_uid_min: int = 200_000
+    isolation_uid_max: int = 299_999
+    """The uid (and gid) range of the apps' users."""
+    cgroup_root: str = ""
+    """cgroup v2: a delegated subtree to confine in (default ``<cgroup2 mount>/fastapi-deploy``)."""
     alert_interval: float = 30.0
     """Seconds between evaluations of the SLOs' burn rates."""
     instance_otlp_url: str = ""
@@ -215,6 +223,8 @@ class Settings:
             "metrics_token": _env("FASTAPI_DEPLOY_METRICS_TOKEN", ""),
             "tracing": _flag("FASTAPI_DEPLOY_TRACING", True),
             "instance_otlp_url": _env("FASTAPI_DEPLOY_INSTANCE_OTLP_URL", ""),
+            "isolation": _env("FASTAPI_DEPLOY_ISOLATION", "auto"),
+            "cgroup_root": _env("FASTAPI_DEPLOY_CGROUP_ROOT", ""),
             "kubeconfig": _env("KUBECONFIG", ""),
             "kubernetes_namespace": _env("FASTAPI_DEPLOY_KUBERNETES_NAMESPACE", "fastapi-deploy-apps"),
             "kubernetes_namespace_per_team": _flag("FASTAPI_DEPLOY_KUBERNETES_NAMESPACE_PER_TEAM", False),
@@ -248,6 +258,8 @@ class Settings:
             "metrics_coarse_retention": ("FASTAPI_DEPLOY_METRICS_COARSE_RETENTION", float),
             "log_retention_days": ("FASTAPI_DEPLOY_LOG_RETENTION_DAYS", float),
             "alert_interval": ("FASTAPI_DEPLOY_ALERT_INTERVAL", float),
+            "isolation_uid_min": ("FASTAPI_DEPLOY_ISOLATION_UID_MIN", int),
+            "isolation_uid_max": ("FASTAPI_DEPLOY_ISOLATION_UID_MAX", int),
             "kubernetes_headroom": ("FASTAPI_DEPLOY_KUBERNETES_HEADROOM", int),
             "leader_lease_duration": ("FASTAPI_DEPLOY_LEADER_LEASE_DURATION", float),
             "leader_renew_deadline": ("FASTAPI_DEPLOY_LEADER_RENEW_DEADLINE", float),

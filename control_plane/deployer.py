@@ -35,6 +35,7 @@ from control_plane.statuses import TERMINAL
 from control_plane.statuses import DeploymentStatus as S
 from runtime.archive import ExtractLimits, extract_archive
 from runtime.autoscaler import ScalingSettings
+from runtime.backends._confine import BuildConfinement, Limits
 from runtime.backends.base import Instance, InstanceSpec, InstanceState, LogRecord, LogSink
 from runtime.builder import build_environment, prune_environments
 from runtime.detect import Project, detect_project
@@ -268,6 +269,14 @@ class Deployer:
                     "This is a bug in fastapi-deploy; the log above has the details.",
                 )
 
+    def _build_confinement(self, app_id: str) -> BuildConfinement | None:
+        """Builds run as the app's user, within the build limits (process backend; docs/ISOLATION.md)."""
+        confinement = getattr(self.fleet.backend, "confinement", None)
+        if confinement is None:
+            return None
+        limits = Limits(memory_mb=self.settings.build_memory_mb, cpus=self.settings.build_cpus)
+        return BuildConfinement(confinement, app_id, limits)
+
     def _outcome(self, app_id: str, status: str, started: float) -> None:
         if self.instrumentation is not None:
             self.instrumentation.metrics.deploy_finished(app_id, status, time.monotonic() - started)
@@ -322,6 +331,7 @@ class Deployer:
                 python=self.settings.app_python,
                 log=log_line,
                 timeout=self.settings.build_timeout,
+                confine=self._build_confinement(app.id),
             )
             # Recorded while holding the build slot: retention (which prunes environments) runs under the
             # same slot, so it never sees a built environment that no deployment references yet.

@@ -19,6 +19,7 @@ import hmac
 import logging
 import secrets as pysecrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlmodel import select
@@ -145,7 +146,16 @@ class Platform:
                 settings.registry, username=settings.registry_username, password=settings.registry_password
             )
         if settings.backend == "process":
-            return ProcessBackend(self.paths.instances, self.logstore.append)
+            from runtime.backends._confine import Confinement, IsolationSettings
+
+            isolation = IsolationSettings(
+                mode=settings.isolation,
+                uid_min=settings.isolation_uid_min,
+                uid_max=settings.isolation_uid_max,
+                cgroup_root=Path(settings.cgroup_root) if settings.cgroup_root else None,
+            )
+            confinement = Confinement(isolation, data_dir=settings.data_dir)
+            return ProcessBackend(self.paths.instances, self.logstore.append, confinement=confinement)
         if settings.backend not in ("docker", "kubernetes"):
             raise ValueError(f"unknown backend {settings.backend!r} (available: process, docker, kubernetes)")
         from runtime.backends.docker import DockerBackend  # the docker extra: imported only when chosen
@@ -200,6 +210,9 @@ class Platform:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.db.migrate)
+        confinement = getattr(self.backend, "confinement", None)
+        if confinement is not None:  # the database and the secret key closed to the apps' users
+            await asyncio.to_thread(confinement.secure_data_dir)
         self.bootstrap = await asyncio.to_thread(self._bootstrap)
         self._telemetry_key = await asyncio.to_thread(self._load_telemetry_key)
         self.buildlogs.bind(asyncio.get_running_loop())

@@ -20,10 +20,20 @@ of its own that is removed afterwards: a package's build script (``setup.py``, a
 with the build, and must not see the control plane's admin token, database URL, secret keys or
 registry password, nor write into the server user's home. uv's cache stays where it was (it is passed
 as ``UV_CACHE_DIR``), so a private ``HOME`` costs no downloads.
+
+With ``confine`` (a :class:`runtime.backends._confine.BuildConfinement`) every step runs confined like
+the app's instances (docs/ISOLATION.md): as the app's own user where the server is root (the project's
+files given to it, writable, since local packages are built in place; the staging directory handed to
+it; a uv cache of the app's own under ``data/users``, so no build can plant a wheel another app
+installs), in a cgroup with the build's memory and CPU limits (rlimits where there are none), at
+``nice 10``. When the build is done, what it left running is killed and the environment is sealed:
+owned by the server's user, world-readable, writable by nobody else: every instance reads it, none
+can change it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -42,6 +52,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.backends._confine import BuildConfinement, BuildJail, build_jail, seal
 from runtime.detect import Project
 from runtime.errors import BuildError, BuildTimeout
 
@@ -138,15 +149,18 @@ def build_environment(
     log: Log,
     timeout: float = 600,
     uv: str | None = None,
+    confine: BuildConfinement | None = None,
 ) -> BuiltEnvironment:
     """Return the environment for ``project``, building it with uv unless it already exists.
 
     ``log`` receives a line saying what happens and why, then uv's output line by line as it runs.
     ``timeout`` (seconds) bounds the whole call, waiting for a concurrent build of the same key
     included. ``uv`` overrides the uv binary (default: next to ``sys.executable``, else on PATH).
+    ``confine``: run the build as the app's user, under its limits (see the module's docstring).
 
     Raises:
-        BuildError: the interpreter is unusable or installing failed (message ends with uv's output).
+        BuildError: the interpreter is unusable, installing failed (message ends with uv's output), the
+            build ran out of memory, or isolation is required and the build cannot run as the app's user.
         BuildTimeout: the build did not finish in time; uv was killed and nothing was kept.
     """
     deadline = time.monotonic() + timeout
@@ -167,13 +181,17 @@ def build_environment(
     try:
         if (target / _MARKER).is_file():
             log(f"Dependencies unchanged (key {key[:12]}…), reusing environment")
+            if target.stat().st_mode & 0o777 != 0o755:  # built before environments were opened to all
+                with contextlib.suppress(OSError):
+                    target.chmod(0o755)
             return BuiltEnvironment(key=key, path=target, python=target / "bin" / "python", reused=True)
         _remove_leftovers(envs_dir, key)
         log(f"New dependencies (key {key[:12]}…), building an environment with Python {interpreter.version}")
         staging = Path(tempfile.mkdtemp(prefix=f".{key}.building-", dir=envs_dir))
         try:
-            _Build(project, staging, interpreter, uv_bin, log, deadline, timeout).run()
+            _Build(project, staging, interpreter, uv_bin, log, deadline, timeout, confine).run()
             _write_marker(staging, key, project, interpreter)
+            staging.chmod(0o755)  # mkdtemp's 0700: instances, whoever they run as, read it (never write)
             os.rename(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -224,6 +242,7 @@ class _Build:
         log: Log,
         deadline: float,
         timeout: float,
+        confine: BuildConfinement | None = None,
     ) -> None:
         self.project = project
         self.staging = staging
@@ -234,8 +253,13 @@ class _Build:
         self.timeout = timeout
         self.python = staging / "bin" / "python"
         self.env: dict[str, str] = {}
+        self.confine = confine
+        self.jail: BuildJail | None = None
 
     def run(self) -> None:
+        if self.confine is not None:
+            self._run_confined(self.confine)
+            return
         # A HOME of the build's own: build scripts may write there (caches, config), never into ours.
         home = Path(tempfile.mkdtemp(prefix="fastapi-deploy-build-home-"))
         try:
@@ -243,6 +267,26 @@ class _Build:
             self._run()
         finally:
             shutil.rmtree(home, ignore_errors=True)
+
+    def _run_confined(self, confine: BuildConfinement) -> None:
+        run = [Path(self.uv), Path(self.interpreter.executable)]
+        with build_jail(confine, run=run, source=self.project.root, staging=self.staging) as jail:
+            self.jail = jail
+            self.env = build_env(jail.home)
+            if jail.cache is not None:
+                self.env["UV_CACHE_DIR"] = str(jail.cache)  # the app's own: never shared with another's
+            limits = jail.limits
+            if confine.confinement.enabled:
+                self.log(
+                    f"Building as {jail.user.name if jail.user else 'the server user'}"
+                    + (f", {limits.cpus:g} CPU" if limits.cpus else "")
+                    + (f", {limits.memory_mb} MiB" if limits.memory_mb else "")
+                    + ("" if jail.cgroup else " (rlimits)")
+                )
+            self._run()
+        # Nothing of the build runs any more (its cgroup was emptied): nobody but us can change it now.
+        if jail.user is not None:
+            seal(self.staging)
 
     def _run(self) -> None:
         venv = ["venv", "--relocatable", "--no-project", "--no-config", "--quiet"]
@@ -296,12 +340,29 @@ class _Build:
         # -I: nothing from the environment or the working directory can shadow the answer.
         probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('uvicorn') is None)"
         code, _ = _stream(
-            [str(self.python), "-I", "-c", probe], self.staging, self.env, self.log, self._left()
+            [str(self.python), "-I", "-c", probe],
+            self.staging,
+            self.env,
+            self.log,
+            self._left(),
+            self._preexec,
         )
         return code == 0
 
+    @property
+    def _preexec(self) -> Callable[[], None] | None:
+        return None if self.jail is None else self.jail.preexec
+
     def _uv(self, args: list[str], *, cwd: Path, what: str, hint: str) -> None:
-        code, tail = _stream([self.uv, *args], cwd, self.env, self.log, self._left())
+        code, tail = _stream([self.uv, *args], cwd, self.env, self.log, self._left(), self._preexec)
+        if code != 0 and self.jail is not None and self.jail.out_of_memory():
+            raise BuildError(
+                f"{what} ran out of memory: the build was killed at its limit of "
+                f"{self.jail.limits.memory_mb} MiB.",
+                title="Build out of memory",
+                hint="Trim the dependencies (or prefer wheels to sdists that compile), or ask the platform "
+                "operator for more build memory (FASTAPI_DEPLOY_BUILD_MEMORY_MB).",
+            )
         if code != 0:
             output = "\n".join(tail) or "(no output)"
             raise BuildError(f"{what} failed (uv exited with status {code}):\n{output}", hint=hint)
@@ -317,9 +378,15 @@ class _Build:
 
 
 def _stream(
-    cmd: list[str], cwd: Path, env: dict[str, str], log: Log, timeout: float
+    cmd: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    log: Log,
+    timeout: float,
+    preexec: Callable[[], None] | None = None,
 ) -> tuple[int, list[str]]:
-    """Run ``cmd`` with stdout and stderr merged, passing each line to ``log`` as it arrives.
+    """Run ``cmd`` with stdout and stderr merged, passing each line to ``log`` as it arrives;
+    ``preexec`` (the build's confinement) runs in the child before ``exec``.
 
     Returns the exit status and the last lines. On timeout the whole process group is killed and
     BuildTimeout raised.
@@ -333,15 +400,22 @@ def _stream(
         log(line)
 
     # A session of its own, so a timeout kills uv and whatever it spawned (build backends).
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=preexec,  # cgroup, limits, the app's user: nothing that takes a lock
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BuildError(
+            f"`{Path(cmd[0]).name}` could not be started: {exc}",
+            hint="Ask the platform operator: uv, the app's Python or the build's confinement failed.",
+        ) from exc
     assert proc.stdout is not None
     try:
         with selectors.DefaultSelector() as selector:
@@ -514,8 +588,14 @@ def _write_marker(staging: Path, key: str, project: Project, interpreter: _Inter
         "platform": interpreter.platform,
         "built_at": time.time(),
     }
-    # Written last: its presence is what makes the key complete.
-    (staging / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    # Written last: its presence is what makes the key complete. A confined build had the staging
+    # directory: whatever it left under this name goes, and the marker is never written through a link.
+    path = staging / _MARKER
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps(marker, indent=2) + "\n")
 
 
 def _remove_leftovers(envs_dir: Path, key: str) -> None:

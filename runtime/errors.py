@@ -69,3 +69,26 @@ class DeployError(RuntimeFailure):
 class VerifyError(RuntimeFailure):
     code = "verifying_failed"
     title = "Verification failed"
+
+
+def not_ready(
+    what: str, *, exit_code: int | None, tail: list[str], oom: bool, memory_mb: int | None
+) -> VerifyError:
+    """The error of an instance that never became ready, the same on every backend: ``what`` happened
+    ("exited during startup", "did not answer on its health path /"), its exit code and last output;
+    a kill at the memory limit gets its own title and hint."""
+    suffix = f" (exit code {exit_code})" if exit_code is not None else ""
+    output = (" Its last output:\n" + "\n".join(tail)) if tail else ""
+    if oom:
+        return VerifyError(
+            "The app ran out of memory during startup: it was killed at its limit of "
+            f"{memory_mb} MiB{suffix}.{output}",
+            title="Out of memory",
+            code="verifying_failed_oom",
+            hint="Make the app need less memory at startup, or ask the platform operator for larger "
+            "instances (instance_memory_mb).",
+        )
+    return VerifyError(
+        f"The app {what}{suffix}.{output}",
+        hint="Run it locally with `fastapi run` to reproduce; the full output is in the app's logs.",
+    )

@@ -166,6 +166,7 @@ def _build(
                 raise BuildError(f"Installing the observability layer took over {timeout:g}s.") from exc
             if out.returncode == 0:
                 (staging / _MARKER).write_text(json.dumps({"target": target, "packages": attempt}))
+                staging.chmod(0o755)  # mkdtemp's 0700: confined instances (apps' own users) read it too
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(staging, final)
                 return

@@ -5,7 +5,7 @@ Each test runs once per backend (the ``kind`` fixture): start and readiness (lif
 answering), graceful and forced stop, output per instance with levels, env vars, failing apps, crash
 detection (from inside and from outside), and recovery after a control-plane restart (adopted and
 serving on, or gone: never left running unwatched). Resource limits are parametrized only over the
-backends that enforce them (``ENFORCE_LIMITS``): ``process`` does not limit memory or CPU yet.
+backends that enforce them (``ENFORCE_LIMITS``: all three; ``process`` with cgroups, as here).
 
 The docker backend runs an image of the same app, built once per module by ``runtime/images.py`` on the
 test base image (``scripts/test`` prepares it). The kubernetes backend runs the same image, pushed to the
@@ -49,8 +49,8 @@ pytestmark = [
 ]
 
 KINDS = ["process", "docker", "kubernetes"]
-# process: InstanceSpec.memory_mb / cpus are not enforced (documented in base.py)
-ENFORCE_LIMITS = ["docker", "kubernetes"]
+# process enforces limits with cgroups, which these tests (run as root, like CI) have (docs/ISOLATION.md)
+ENFORCE_LIMITS = ["process", "docker", "kubernetes"]
 START_TIMEOUT = 60.0
 WAIT = 15.0
 

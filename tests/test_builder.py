@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -401,3 +406,139 @@ def test_build_env_is_an_allow_list() -> None:
     # uv's own discovery steps keep the server's HOME (uv-managed interpreters live there).
     assert builder.build_env(None, server)["HOME"] == "/home/platform"
     assert builder.build_env(None, {**server, "UV_CACHE_DIR": "/cache"})["UV_CACHE_DIR"] == "/cache"
+
+
+# -- confined builds (docs/ISOLATION.md) -------------------------------------------------------------------
+
+# The spy above, telling who runs the build and with what: its uid and groups, HOME, cgroup, limits.
+_CONFINED_SPY = (
+    _SPY_BACKEND
+    + """
+def _record():
+    import resource
+    if HOG_MB:
+        held = b"x" * (HOG_MB * 2**20)
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    with open(OUT, "w") as f:
+        json.dump({
+            "uid": os.getuid(), "groups": os.getgroups(), "home": os.path.expanduser("~"),
+            "environ": dict(os.environ), "cgroup": open("/proc/self/cgroup").read(), "nice": os.nice(0),
+            "nproc": list(resource.getrlimit(resource.RLIMIT_NPROC)),
+            "no_new_privs": status["NoNewPrivs"].strip(),
+        }, f)
+"""
+)
+
+
+def _world_python() -> str:
+    """An interpreter every user can run (this venv's may live under /root): the app's user builds with it."""
+    from runtime.backends._confine import _unreachable
+
+    for candidate in (PYTHON, "/usr/bin/python3", "/usr/local/bin/python3"):
+        if Path(candidate).exists() and _unreachable(Path(candidate), "run") is None:
+            return candidate
+    pytest.fail("no Python that every user can run (install python3): builds cannot run as the app's user")
+
+
+@pytest.fixture
+def confined_world() -> Iterator[tuple[Path, Any]]:
+    """A data directory every user can pass through, and a maker of confined builds of spy projects."""
+    from runtime.backends._confine import BuildConfinement, Confinement, Limits, app_user_name
+
+    root = Path(tempfile.mkdtemp(prefix="fdp-build-isolation-"))
+    root.chmod(0o711)
+    data = root / "data"
+    (data / "envs").mkdir(parents=True)
+    confinement = Confinement(data_dir=data)
+    apps: list[str] = []
+
+    def build(hog_mb: int = 0, memory_mb: int = 1024, logs: list[str] | None = None) -> tuple[Any, Path, str]:
+        app_id = f"build-{uuid.uuid4().hex[:8]}"
+        apps.append(app_id)
+        src = data / "deployments" / uuid.uuid4().hex[:10] / "src"
+        out = src / "seen.json"  # the project's own tree: a confined build may write there
+        project = project_with(
+            src,
+            {
+                "requirements.txt": "./envspy\n",
+                "envspy/pyproject.toml": (
+                    '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n'
+                    '[project]\nname = "envspy"\nversion = "0.1"\n'
+                ),
+                "envspy/backend.py": f"OUT = {str(out)!r}\nMARK = 'mark'\nHOG_MB = {hog_mb}\n"
+                + _CONFINED_SPY,
+            },
+        )
+        confinement.secure_data_dir()
+        confine = BuildConfinement(confinement, app_id, Limits(memory_mb=memory_mb, cpus=1.0))
+        env = build_environment(
+            project,
+            data / "envs",
+            python=_world_python(),
+            log=(logs if logs is not None else []).append,
+            confine=confine,
+        )
+        return env, out, app_user_name(app_id)
+
+    yield data, build
+    shutil.rmtree(root, ignore_errors=True)
+    if os.geteuid() == 0:
+        for app_id in apps:
+            subprocess.run(["userdel", app_user_name(app_id)], capture_output=True, check=False)
+
+
+def test_a_confined_build_runs_as_the_apps_user_and_seals_the_environment(
+    confined_world: tuple[Path, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    import pwd
+
+    from runtime.backends._confine import Confinement, IsolationSettings
+
+    caplog.set_level(logging.INFO, logger="fastapi_deploy.isolation")
+    data, build = confined_world
+    logs: list[str] = []
+
+    env, out, user_name = build(logs=logs)
+
+    seen = json.loads(out.read_text())
+    assert python_ok(env, "import envspy, uvicorn").returncode == 0  # built, and usable
+    assert not Path(seen["home"]).exists()  # a HOME of its own, gone afterwards
+    if os.geteuid() != 0:  # the documented fallback: the server's user, said once
+        assert seen["uid"] == os.getuid()
+        assert len([r for r in caplog.records if "not root" in r.getMessage()]) == 1
+        return
+    user = pwd.getpwnam(user_name)
+    assert (seen["uid"], seen["groups"], seen["no_new_privs"]) == (user.pw_uid, [], "1")
+    assert seen["nproc"] == [IsolationSettings().nproc] * 2
+    assert seen["nice"] >= 10  # below the instances that serve
+    assert Path(seen["home"]).parent == data / "users" / user_name
+    # uv's cache of this app alone: no build can plant a wheel that another app's build installs.
+    assert seen["environ"]["UV_CACHE_DIR"] == str(data / "users" / user_name / "cache" / "uv")
+    assert any(line.startswith(f"Building as {user_name}, 1 CPU, 1024 MiB") for line in logs), logs
+    hierarchy = Confinement().hierarchy
+    if hierarchy is not None:  # in a cgroup of its own, removed (with whatever it left running) after
+        assert f"/fastapi-deploy/{user_name}/build-" in seen["cgroup"]
+        assert not list((hierarchy.bases["memory"] / user_name).glob("build-*"))
+    # Sealed: the server's, world-readable, writable by nobody else: every app reads it, none changes it.
+    for path in [env.path, *env.path.rglob("*")]:
+        st = path.lstat()
+        assert (st.st_uid, st.st_gid) == (0, 0), path
+        if not path.is_symlink():
+            assert st.st_mode & 0o022 == 0 and st.st_mode & 0o004, path
+    assert env.path.stat().st_mode & 0o777 == 0o755
+
+
+def test_a_confined_build_over_its_memory_limit_fails_as_out_of_memory(
+    confined_world: tuple[Path, Any],
+) -> None:
+    _data, build = confined_world
+
+    with pytest.raises(BuildError) as info:
+        build(hog_mb=600, memory_mb=256)
+
+    # With a cgroup the kernel kills it and the error says why; with rlimits only it is a MemoryError.
+    if info.value.title == "Build out of memory":
+        assert "ran out of memory: the build was killed at its limit of 256 MiB" in info.value.message
+        assert "FASTAPI_DEPLOY_BUILD_MEMORY_MB" in info.value.hint
+    else:
+        assert "MemoryError" in info.value.message

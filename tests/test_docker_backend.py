@@ -246,6 +246,29 @@ def test_image_is_pushed_and_pulled_back_by_digest(server: Server, workdir: Path
     assert containers_of(app_id(server, "digested"))[0]["Image"] == reference
 
 
+def test_autoscaling_and_the_warm_pool_work_on_containers_too(server: Server, workdir: Path) -> None:
+    """The same policy as on the process backend: a floor of two serving containers plus a warm spare,
+    then down again; every container of the app is the revision's image."""
+    push(server, copy_example("hello", workdir / "scaled"), "dk-scaled")
+    ident = app_id(server, "dk-scaled")
+    server.cli("scale", "dk-scaled", "--min", "2", "--max", "4", "--prewarm", "1")
+
+    def states() -> list[str]:
+        return sorted(i["state"] for i in server.cli_json("status", "dk-scaled")["app"]["instances"])
+
+    wait_until(
+        lambda: states() == ["serving", "serving", "warm"], 90, interval=0.5, what="2 serving + 1 warm"
+    )
+    assert len(containers_of(ident)) == 3
+    assert {server.get("dk-scaled", "/").status_code for _ in range(6)} == {200}
+    server.cli("scale", "dk-scaled", "--min", "1", "--prewarm", "0")
+    # Scaled down, not stopped: the second serving container is parked warm (the parking allowance,
+    # runtime/autoscaler.py) and the spare beyond it is stopped.
+    wait_until(lambda: states() == ["serving", "warm"], 90, interval=0.5, what="1 serving + 1 parked")
+    wait_until(lambda: len(containers_of(ident)) == 2, 60, interval=0.5, what="the spare container stopped")
+    assert server.get("dk-scaled", "/").status_code == 200
+
+
 def test_killed_container_is_replaced(server: Server, workdir: Path) -> None:
     push(server, copy_example("hello", workdir / "killed"), "killed")
     ident = app_id(server, "killed")

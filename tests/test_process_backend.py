@@ -543,3 +543,40 @@ async def test_forked_instances_stop_when_the_control_plane_dies(tmp_path: Path)
         await control_plane.wait()
     # The template sees its control channel close and stops its instances: no orphan waits for recover().
     await eventually(lambda: not running(instance_pid) and not running(template_pid), "the orphans to stop")
+
+
+# -- confinement (docs/ISOLATION.md; users and files: tests/test_process_isolation.py) --------------------
+
+
+def _status(pid: int, field: str) -> str:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return next(line.split(":", 1)[1].strip() for line in lines if line.startswith(f"{field}:"))
+
+
+def _proc(pid: int | str, name: str) -> list[str]:
+    return Path(f"/proc/{pid}/{name}").read_text().splitlines()
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+async def test_instances_are_confined_unless_isolation_is_off(
+    backends: Make, tmp_path: Path, fork: bool, mode: str
+) -> None:
+    from runtime.backends._confine import Confinement, IsolationSettings, app_user_name
+
+    confinement = Confinement(IsolationSettings(mode=mode))
+    backend = backends(fork=fork, confinement=confinement)
+    spec = write_app(tmp_path)
+    spec = InstanceSpec(**{**spec.__dict__, "memory_mb": 300})
+
+    instance = await backend.start(spec, timeout=START_TIMEOUT)
+
+    theirs = _proc(instance.pid, "cgroup")
+    if mode == "off":  # as before isolation existed: our cgroups, privileges as they were
+        assert theirs == _proc("self", "cgroup")
+        assert _status(instance.pid, "NoNewPrivs") == "0"
+        return
+    assert _status(instance.pid, "NoNewPrivs") == "1"
+    if confinement.hierarchy is not None:  # a memory cgroup of its own
+        assert any(line.endswith(f"/fastapi-deploy/{app_user_name('app1')}/{instance.id}") for line in theirs)
+    else:  # rlimits stand in for it
+        assert f"Max data size             {2 * 300 * 2**20}" in "\n".join(_proc(instance.pid, "limits"))

@@ -90,11 +90,11 @@ class InstanceSpec:
     """The OCI image of the revision (``runtime/images.py``): image backends (``docker``) run it, and
     then ``python``, ``app_dir`` and ``workdir`` are paths *inside* it; ``process`` ignores it."""
     memory_mb: int | None = None
-    """Memory limit of one instance in MiB (``None``: none). Enforced by ``docker`` (a cgroup limit: an
-    instance that exceeds it is OOM-killed and reported with :attr:`Instance.oom`); ``process`` does
-    not enforce it yet."""
+    """Memory limit of one instance in MiB (``None``: none). Enforced by every backend with a cgroup
+    (``process`` where the host allows, else ``RLIMIT_DATA``; docs/ISOLATION.md): an instance that
+    exceeds it is OOM-killed and reported with :attr:`Instance.oom`."""
     cpus: float | None = None
-    """CPU limit of one instance in cores (``None``: none). Enforced by ``docker``; not by ``process``."""
+    """CPU limit of one instance in cores (``None``: none): a CFS quota (``process`` needs cgroups)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,16 @@ class Instance:
     @property
     def alive(self) -> bool:
         return self.state not in (InstanceState.STOPPED, InstanceState.CRASHED)
+
+    def exit_line(self, *, expected: bool) -> tuple[str, str]:
+        """The platform log line (message, level) for its exit, the same on every backend."""
+        code = self.exit_code
+        if self.oom:
+            limit = f" (limit {self.spec.memory_mb} MiB)" if self.spec.memory_mb else ""
+            return f"Instance {self.id} was killed: out of memory{limit}, exit code {code}", "error"
+        if expected:
+            return f"Instance {self.id} stopped (exit code {code})", "info"
+        return f"Instance {self.id} exited unexpectedly (exit code {code})", "error"
 
     def as_dict(self) -> dict[str, object]:
         return {

@@ -52,7 +52,7 @@ from runtime.backends.base import (
     LogRecord,
     LogSink,
 )
-from runtime.errors import BuildError, BuildTimeout, DeployError, VerifyError
+from runtime.errors import BuildError, BuildTimeout, DeployError, VerifyError, not_ready
 from runtime.health import Unhealthy, is_healthy, probe, wait_healthy
 from runtime.images import CONTAINER_PORT, LABEL, BuildLimits, Log
 from runtime.logparse import parse_level
@@ -471,19 +471,7 @@ class DockerBackend:
         instance.exit_code = code = _exit_code(code)
         instance.oom = oom
         expected = instance.id in self._stopping
-        if oom:
-            limit = f" (limit {instance.spec.memory_mb} MiB)" if instance.spec.memory_mb else ""
-            self._platform_log(
-                instance,
-                f"Instance {instance.id} was killed: out of memory{limit}, exit code {code}",
-                "error",
-            )
-        elif expected:
-            self._platform_log(instance, f"Instance {instance.id} stopped (exit code {code})")
-        else:
-            self._platform_log(
-                instance, f"Instance {instance.id} exited unexpectedly (exit code {code})", "error"
-            )
+        self._platform_log(instance, *instance.exit_line(expected=expected))
         instance.transition(InstanceState.STOPPED if expected else InstanceState.CRASHED)
         instance.exited.set()
         self._levels.pop(instance.id, None)
@@ -527,30 +515,12 @@ class DockerBackend:
             raise self._not_ready(instance, str(exc)) from None
 
     def _not_ready(self, instance: Instance, what: str) -> VerifyError:
-        tail = self.output_tail(instance.id, 30)
-        code = instance.exit_code
-        if instance.oom:
-            limit = instance.spec.memory_mb
-            message = (
-                f"The app ran out of memory during startup: it was killed at its limit of {limit} MiB"
-                + (f" (exit code {code})" if code is not None else "")
-                + "."
-            )
-            if tail:
-                message += " Its last output:\n" + "\n".join(tail)
-            return VerifyError(
-                message,
-                title="Out of memory",
-                code="verifying_failed_oom",
-                hint="Make the app need less memory at startup, or ask the platform operator for larger "
-                "instances (instance_memory_mb).",
-            )
-        message = f"The app {what}" + (f" (exit code {code})" if code is not None else "") + "."
-        if tail:
-            message += " Its last output:\n" + "\n".join(tail)
-        return VerifyError(
-            message,
-            hint="Run it locally with `fastapi run` to reproduce; the full output is in the app's logs.",
+        return not_ready(
+            what,
+            exit_code=instance.exit_code,
+            tail=self.output_tail(instance.id, 30),
+            oom=instance.oom,
+            memory_mb=instance.spec.memory_mb,
         )
 
     # -- internals ------------------------------------------------------------------------------

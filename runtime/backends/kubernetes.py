@@ -54,7 +54,7 @@ from runtime.backends._k8s_pods import (
     pod_key,
 )
 from runtime.backends.base import ExitCallback, Instance, InstanceSpec, InstanceState, LogRecord, LogSink
-from runtime.errors import DeployError, VerifyError
+from runtime.errors import DeployError, VerifyError, not_ready
 from runtime.health import Unhealthy, probe, wait_healthy
 from runtime.images import CONTAINER_PORT, ImageEngine
 from runtime.logparse import parse_level
@@ -708,19 +708,7 @@ class KubernetesBackend:
         instance.exit_code = code = _exit_code(code)
         instance.oom = oom
         expected = instance.id in self._stopping
-        if oom:
-            limit = f" (limit {instance.spec.memory_mb} MiB)" if instance.spec.memory_mb else ""
-            self._platform_log(
-                instance,
-                f"Instance {instance.id} was killed: out of memory{limit}, exit code {code}",
-                "error",
-            )
-        elif expected:
-            self._platform_log(instance, f"Instance {instance.id} stopped (exit code {code})")
-        else:
-            self._platform_log(
-                instance, f"Instance {instance.id} exited unexpectedly (exit code {code})", "error"
-            )
+        self._platform_log(instance, *instance.exit_line(expected=expected))
         instance.transition(InstanceState.STOPPED if expected else InstanceState.CRASHED)
         instance.exited.set()
         if self.on_exit is not None and not expected:
@@ -776,29 +764,13 @@ class KubernetesBackend:
         return self._verify_error(pod["metadata"]["name"], what, None, False)
 
     def _verify_error(self, instance_id: str, what: str, code: int | None, oom: bool) -> VerifyError:
-        tail = self.output_tail(instance_id, 30)
-        code = None if code is None else _exit_code(code)
-        suffix = f" (exit code {code})" if code is not None else ""
-        if oom:
-            spec = next((r.spec for r in self._revisions.values() if instance_id.startswith(r.name)), None)
-            limit = spec.memory_mb if spec else None
-            message = "The app ran out of memory during startup: it was killed at its limit of "
-            message += f"{limit} MiB{suffix}."
-            if tail:
-                message += " Its last output:\n" + "\n".join(tail)
-            return VerifyError(
-                message,
-                title="Out of memory",
-                code="verifying_failed_oom",
-                hint="Make the app need less memory at startup, or ask the platform operator for larger "
-                "instances (instance_memory_mb).",
-            )
-        message = f"The app {what}{suffix}."
-        if tail:
-            message += " Its last output:\n" + "\n".join(tail)
-        return VerifyError(
-            message,
-            hint="Run it locally with `fastapi run` to reproduce; the full output is in the app's logs.",
+        spec = next((r.spec for r in self._revisions.values() if instance_id.startswith(r.name)), None)
+        return not_ready(
+            what,
+            exit_code=None if code is None else _exit_code(code),
+            tail=self.output_tail(instance_id, 30),
+            oom=oom,
+            memory_mb=spec.memory_mb if spec else None,
         )
 
     async def _fetch_output(self, key: PodKey) -> None:

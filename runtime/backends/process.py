@@ -22,6 +22,15 @@ groups and reports each of them as crashed with exit code -9. Module-level code 
 revision, in the template (like ``gunicorn --preload``); an app whose import starts threads or opens
 sockets is not forked. A template that failed before it was ready is not retried for that revision
 (its instances are spawned) until :meth:`ProcessBackend.release`.
+
+Instances are confined (``_confine.py``, docs/ISOLATION.md): a revision's processes run as its app's own
+system user when the server is root and the user can reach the app's interpreter and the launcher
+(else as the server's user, said once in the log), with the deployment's files given to that user's
+group. Each instance and each template has a cgroup of its own with the spec's memory (no swap), CPU
+and pids limits (rlimits where there are no cgroups); an instance killed at its memory limit is
+reported with ``Instance.oom``. A template runs as the app's user in a cgroup with one instance's limits,
+so a fork is bounded from its first instruction; the backend moves it into its own cgroup as soon as
+the template reports its pid, and the template's limits cap the moment in between.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -44,8 +54,9 @@ from pathlib import Path
 from typing import Any
 
 from runtime import launcher as _launcher_module
+from runtime.backends._confine import AppUser, Cgroup, Confinement, Limits
 from runtime.backends.base import ExitCallback, Instance, InstanceSpec, InstanceState, LogRecord, LogSink
-from runtime.errors import DeployError, VerifyError
+from runtime.errors import DeployError, VerifyError, not_ready
 from runtime.health import Unhealthy, wait_healthy
 from runtime.logparse import parse_level
 
@@ -94,6 +105,10 @@ class _Template:
     proc: asyncio.subprocess.Process
     control: socket.socket
     ready: asyncio.Future[None]
+    user: AppUser | None = None
+    """Who it (and so every fork of it) runs as; None: the server's user."""
+    cgroup: Cgroup | None = None
+    """Its own cgroup, with one instance's limits: a fork is in it until moved into its own."""
     started: bool = False
     """``ready`` arrived: its output goes to the log sink from then on (before, it is held back)."""
     closing: bool = False
@@ -112,7 +127,9 @@ class ProcessBackend:
     """Instances as local processes. One per control plane; not thread-safe (one event loop).
 
     ``fork``: start instances from per-revision templates (default: on unless ``FASTAPI_DEPLOY_FORK=0``;
-    always off where :func:`fork_supported` is false).
+    always off where :func:`fork_supported` is false). ``confinement``: users, cgroups and rlimits of the
+    instances (default: what this host allows, ``Confinement()``); ``Confinement(IsolationSettings(
+    mode="off"))`` runs them as the server's user without limits.
     """
 
     name = "process"
@@ -125,6 +142,7 @@ class ProcessBackend:
         on_exit: ExitCallback | None = None,
         probe_interval: float = 0.05,
         fork: bool | None = None,
+        confinement: Confinement | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -145,18 +163,29 @@ class ProcessBackend:
         self._no_template: dict[str, str] = {}  # deployment id -> why its instances are spawned
         self._forked_from: dict[str, _Template] = {}  # instance id -> its template
         self._pipes: dict[str, list[asyncio.BaseTransport]] = {}  # output pipes of forked instances
+        self.confinement = confinement if confinement is not None else Confinement()
+        self._users: dict[str, asyncio.Future[AppUser | None]] = {}  # deployment id -> its processes' user
+        self._cgroups: dict[str, Cgroup] = {}  # instance id -> its cgroup
+        self._disposals: set[asyncio.Task[None]] = set()  # cgroups being emptied and removed
 
     # -- the protocol ---------------------------------------------------------------------------
 
     async def start(self, spec: InstanceSpec, *, timeout: float) -> Instance:
         instance = Instance(id=uuid.uuid4().hex[:12], spec=spec)
         deadline = time.monotonic() + timeout
-        read_fd: int | None = None
-        template = await self._template_for(spec, deadline)
-        if template is not None:
-            read_fd = await self._fork(instance, template, deadline)
-        if read_fd is None:
-            read_fd = await self._spawn_process(instance)
+        user = await self._user_for(spec)
+        self._new_cgroup(spec, instance.id)
+        try:
+            read_fd: int | None = None
+            template = await self._template_for(spec, deadline)
+            if template is not None:
+                read_fd = await self._fork(instance, template, deadline)
+            if read_fd is None:
+                read_fd = await self._spawn_process(instance, user)
+        except BaseException:
+            if instance.id not in self._instances:  # never ran: nothing will report its exit
+                self._dispose(self._cgroups.pop(instance.id, None), instance.id)
+            raise
 
         try:
             ready = await self._wait_ready_fd(read_fd, instance, deadline)
@@ -173,12 +202,14 @@ class ProcessBackend:
     async def prepare(self, spec: InstanceSpec, *, timeout: float = 60.0) -> None:
         """Create the revision's template now rather than at its first start. Never fails: when no
         template can serve, :meth:`start` spawns (and reports the app's errors)."""
-        await self._template_for(spec, time.monotonic() + timeout)
+        with contextlib.suppress(DeployError):  # isolation required but impossible: start() says so
+            await self._template_for(spec, time.monotonic() + timeout)
 
     async def release(self, deployment_id: str, *, timeout: float = 10.0) -> None:
         """Stop the revision's template; instances forked from it that still run are stopped first
         (gracefully, forcefully after ``timeout`` seconds). Spawned instances are not touched."""
         self._no_template.pop(deployment_id, None)
+        self._users.pop(deployment_id, None)
         template = self._templates.get(deployment_id)
         if template is None:
             return
@@ -223,17 +254,25 @@ class ProcessBackend:
         Adopts nothing (their pipes died with the old control plane): returns ``[]``."""
         instances: list[tuple[int, tuple[str, ...]]] = []
         templates: list[tuple[int, tuple[str, ...]]] = []
+        cgroups: list[list[str]] = []
         for path in self.state_dir.glob("*.json"):
             try:
                 state = json.loads(path.read_text())
                 pid, iid = int(state["pid"]), str(state["id"])
                 names = (iid, str(state.get("template") or ""))
+                cgroups.append([str(p) for p in state.get("cgroup") or []])
             except (OSError, ValueError, KeyError, TypeError):
                 path.unlink(missing_ok=True)
                 continue
             (templates if state.get("kind") == "template" else instances).append((pid, names))
         await _terminate(instances)
         await _terminate(templates)
+        # What they left in their cgroups (daemons of theirs included) goes with the cgroups; so do the
+        # long-empty cgroups of control planes that never restarted on their data directory.
+        await asyncio.gather(
+            *(asyncio.to_thread(self.confinement.forget, paths) for paths in cgroups if paths)
+        )
+        await asyncio.to_thread(self.confinement.sweep)
         for path in self.state_dir.glob("*.json"):
             path.unlink(missing_ok=True)
         return []
@@ -241,6 +280,9 @@ class ProcessBackend:
     async def close(self, *, timeout: float = 10.0) -> None:
         await asyncio.gather(*(self.stop(i, timeout=timeout) for i in list(self._instances.values())))
         await asyncio.gather(*(self._stop_template(t, timeout=timeout) for t in list(self._live_templates)))
+        for cgroup_owner in list(self._cgroups):  # started but never ran
+            self._dispose(self._cgroups.pop(cgroup_owner), cgroup_owner)
+        await asyncio.gather(*self._disposals, return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -251,9 +293,11 @@ class ProcessBackend:
 
     # -- spawned instances ------------------------------------------------------------------------
 
-    async def _spawn_process(self, instance: Instance) -> int:
-        """Start a new launcher process for ``instance``; the read end of its ready pipe."""
+    async def _spawn_process(self, instance: Instance, user: AppUser | None) -> int:
+        """Start a new launcher process for ``instance`` (as ``user``, in its cgroup); the read end of its
+        ready pipe."""
         spec = instance.spec
+        preexec = self.confinement.preexec(user, self._cgroups.get(instance.id), self._limits(spec))
         read_fd, write_fd = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -280,8 +324,9 @@ class ProcessBackend:
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # own session and process group: killpg stops it all
                 pass_fds=(write_fd,),
+                preexec_fn=preexec,  # cgroup, limits, the app's user: before the interpreter starts
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             os.close(read_fd)
             raise DeployError(
                 f"Could not start the app's interpreter {spec.python}: {exc}",
@@ -294,7 +339,7 @@ class ProcessBackend:
         self._spawn(self._pump(instance, proc.stdout, "stdout"), f"logs-{instance.id}-out")
         self._spawn(self._pump(instance, proc.stderr, "stderr"), f"logs-{instance.id}-err")
         self._spawn(self._watch(instance, proc), f"watch-{instance.id}")
-        self._platform_log(instance, f"Starting instance {instance.id} (pid {proc.pid})")
+        self._platform_log(instance, f"Starting instance {instance.id} (pid {proc.pid}{_as(user)})")
         return read_fd
 
     async def _watch(self, instance: Instance, proc: asyncio.subprocess.Process) -> None:
@@ -340,7 +385,9 @@ class ProcessBackend:
             )
         self._spawn(self._watch_forked(instance, exit_code, pumps), f"watch-{instance.id}")
         self._platform_log(
-            instance, f"Starting instance {instance.id} (pid {pid}, forked from template {template.id})"
+            instance,
+            f"Starting instance {instance.id} (pid {pid}, forked from template {template.id}"
+            f"{_as(template.user)})",
         )
         return ready_r
 
@@ -371,7 +418,7 @@ class ProcessBackend:
         async with self._template_locks.setdefault(key, asyncio.Lock()):
             template = self._templates.get(key)
             if template is None:
-                template = await self._launch_template(spec)
+                template = await self._launch_template(spec, await self._user_for(spec))
         if template is None or template.spec != spec:
             return None
         try:
@@ -380,8 +427,12 @@ class ProcessBackend:
             return None  # a slow import keeps going: later starts fork from it
         return template
 
-    async def _launch_template(self, spec: InstanceSpec) -> _Template | None:
+    async def _launch_template(self, spec: InstanceSpec, user: AppUser | None) -> _Template | None:
         template_id = uuid.uuid4().hex[:12]
+        # One instance's limits, but no OOM group: a fork over them before it is moved must not take
+        # the template (and so every instance of the revision) down with it.
+        cgroup = self.confinement.cgroup(spec.app_id, template_id, self._limits(spec), oom_group=False)
+        preexec = self.confinement.preexec(user, cgroup, self._limits(spec))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -405,16 +456,26 @@ class ProcessBackend:
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
                 pass_fds=(theirs.fileno(),),
+                preexec_fn=preexec,
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             ours.close()
+            self._dispose(cgroup, template_id)
             log.warning("could not start a template for %s (%s); spawning", spec.deployment_id, exc)
             return None
         finally:
             theirs.close()
         ours.setblocking(False)
         loop = asyncio.get_running_loop()
-        template = _Template(id=template_id, spec=spec, proc=proc, control=ours, ready=loop.create_future())
+        template = _Template(
+            id=template_id,
+            spec=spec,
+            proc=proc,
+            control=ours,
+            ready=loop.create_future(),
+            user=user,
+            cgroup=cgroup,
+        )
         template.ready.add_done_callback(lambda fut: self._template_ready(template, fut))
         self._templates[spec.deployment_id] = template
         self._live_templates.add(template)
@@ -476,6 +537,20 @@ class ProcessBackend:
             )
         elif op == "forked":
             pid = int(message["pid"])
+            if not _child_of(pid, template.proc.pid):
+                # The template runs the app's code, as the app's user: a pid it names is trusted only if
+                # it is its own child, else we would move into a cgroup (or kill) whatever it pleased.
+                log.warning("template %s named pid %d, not a child of its own; ignored", template.id, pid)
+                waiter = template.pending.get(str(message["id"]))
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(_TemplateError(f"reported pid {pid} is not its child"))
+                return
+            cgroup = self._cgroups.get(str(message["id"]))
+            if cgroup is not None:  # at once: until then it is bounded by the template's cgroup
+                try:
+                    cgroup.add(pid)
+                except OSError as exc:
+                    log.warning("could not move instance %s into its cgroup: %s", message["id"], exc)
             exit_code: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             template.children[pid] = exit_code
             waiter = template.pending.get(str(message["id"]))
@@ -521,6 +596,7 @@ class ProcessBackend:
     async def _watch_template(self, template: _Template) -> None:
         code = await template.proc.wait()
         self._template_gone(template)
+        self._dispose(template.cgroup, template.id)
         template.exited.set()
         self._live_templates.discard(template)
         (self.state_dir / f"{template.id}.json").unlink(missing_ok=True)
@@ -557,12 +633,63 @@ class ProcessBackend:
                 template.early_output.append((name, line))
 
     def _write_template_state(self, template: _Template) -> None:
-        state = {"id": template.id, "pid": template.proc.pid, "kind": "template"}
+        state: dict[str, object] = {"id": template.id, "pid": template.proc.pid, "kind": "template"}
+        if template.cgroup is not None:
+            state["cgroup"] = [str(p) for p in template.cgroup.paths]
         _write_json(self.state_dir / f"{template.id}.json", state)
 
     def _template_log(self, template: _Template, message: str, level: str = "info") -> None:
         log.info("%s", message)
         self._emit_record(template.spec, template.id, "platform", message, level)
+
+    # -- confinement ----------------------------------------------------------------------------
+
+    async def _user_for(self, spec: InstanceSpec) -> AppUser | None:
+        """Who the revision's processes run as: prepared once per revision (checks, the app's user, its
+        files given to it) in a thread. DeployError when isolation is required and impossible."""
+        if not self.confinement.enabled:
+            return None
+        pending = self._users.get(spec.deployment_id)
+        if pending is None:
+            workdir = spec.workdir or spec.app_dir
+            pending = asyncio.ensure_future(
+                asyncio.to_thread(
+                    self.confinement.prepare,
+                    spec.app_id,
+                    run=[spec.python],
+                    read=[LAUNCHER],
+                    tree=[spec.app_dir, workdir],
+                    writable=workdir,
+                )
+            )
+            pending.add_done_callback(lambda fut: fut.cancelled() or fut.exception())  # retrieved
+            self._users[spec.deployment_id] = pending
+        try:
+            return await asyncio.shield(pending)
+        except Exception:
+            if pending.done() and self._users.get(spec.deployment_id) is pending:
+                del self._users[spec.deployment_id]  # the next start tries again
+            raise
+
+    def _limits(self, spec: InstanceSpec) -> Limits:
+        return Limits(memory_mb=spec.memory_mb, cpus=spec.cpus, pids=self.confinement.settings.pids_max)
+
+    def _new_cgroup(self, spec: InstanceSpec, instance_id: str) -> None:
+        cgroup = self.confinement.cgroup(spec.app_id, instance_id, self._limits(spec))
+        if cgroup is not None:
+            self._cgroups[instance_id] = cgroup
+
+    def _dispose(self, cgroup: Cgroup | None, owner: str) -> None:
+        """Empty and remove ``cgroup`` in the background (``close`` waits for it)."""
+        if cgroup is None:
+            return
+
+        async def dispose() -> None:
+            await asyncio.to_thread(cgroup.dispose)
+
+        task = asyncio.get_running_loop().create_task(dispose(), name=f"cgroup-{owner}")
+        self._disposals.add(task)
+        task.add_done_callback(self._disposals.discard)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -631,14 +758,12 @@ class ProcessBackend:
             raise self._not_ready(instance, str(exc)) from None
 
     def _not_ready(self, instance: Instance, what: str) -> VerifyError:
-        tail = self.output_tail(instance.id, 30)
-        code = instance.exit_code
-        message = f"The app {what}" + (f" (exit code {code})" if code is not None else "") + "."
-        if tail:
-            message += " Its last output:\n" + "\n".join(tail)
-        return VerifyError(
-            message,
-            hint="Run it locally with `fastapi run` to reproduce; the full output is in the app's logs.",
+        return not_ready(
+            what,
+            exit_code=instance.exit_code,
+            tail=self.output_tail(instance.id, 30),
+            oom=instance.oom,
+            memory_mb=instance.spec.memory_mb,
         )
 
     async def _pump(self, instance: Instance, stream: asyncio.StreamReader, name: str) -> None:
@@ -660,14 +785,12 @@ class ProcessBackend:
     def _exited(self, instance: Instance, code: int) -> None:
         instance.exit_code = code
         expected = instance.id in self._stopping
-        if expected:
-            instance.transition(InstanceState.STOPPED)
-            self._platform_log(instance, f"Instance {instance.id} stopped (exit code {code})")
-        else:
-            instance.transition(InstanceState.CRASHED)
-            self._platform_log(
-                instance, f"Instance {instance.id} exited unexpectedly (exit code {code})", "error"
-            )
+        cgroup = self._cgroups.pop(instance.id, None)
+        if cgroup is not None:
+            instance.oom = cgroup.oom_kills() > 0
+            self._dispose(cgroup, instance.id)  # and whatever it left running there
+        self._platform_log(instance, *instance.exit_line(expected=expected))
+        instance.transition(InstanceState.STOPPED if expected else InstanceState.CRASHED)
         instance.exited.set()
         (self.state_dir / f"{instance.id}.json").unlink(missing_ok=True)
         if self.on_exit is not None and not expected:
@@ -694,6 +817,9 @@ class ProcessBackend:
         template = self._forked_from.get(instance.id)
         if template is not None:
             state["template"] = template.id  # a fork's command line names its template, not itself
+        cgroup = self._cgroups.get(instance.id)
+        if cgroup is not None:
+            state["cgroup"] = [str(p) for p in cgroup.paths]  # recover() removes it
         _write_json(self.state_dir / f"{instance.id}.json", state)
 
     def _emit(self, instance: Instance, stream: str, message: str, level: str) -> None:
@@ -722,6 +848,10 @@ class ProcessBackend:
         self._emit(instance, "platform", message, level)
 
 
+def _as(user: AppUser | None) -> str:
+    return "" if user is None else f", as {user.name}"
+
+
 def _write_json(path: Path, state: dict[str, object]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state))
@@ -735,6 +865,15 @@ def _signal_group(pid: int, sig: int) -> None:
     except ProcessLookupError:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+def _child_of(pid: int, parent: int) -> bool:
+    """``pid`` exists (a zombie counts) and ``parent`` is its parent."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return int(stat.rsplit(")", 1)[1].split()[1]) == parent
 
 
 def _running(pid: int) -> bool:
