@@ -1,6 +1,7 @@
 """``fastapi-deploy admin ...``: the platform admin's commands over ``/api/v1/admin``.
 
     admin users [list|create|show|disable|enable|reset|token]     accounts
+    admin tokens [list [--user U] [--app A] [--kind K] | revoke ID] every live token; revoke any one
     admin teams [list|create|delete]                               every team
     admin quotas [show TEAM | set TEAM --max-apps N ...]           per-team limits and usage
     admin apps [--team TEAM]                                       every app, across teams
@@ -24,6 +25,7 @@ from rich.text import Text
 from cli.client import Client
 from cli.errors import CLIError
 from cli.output import JsonOption, Output
+from cli.resolve import app_not_found, find_app
 from cli.session import use
 
 app = typer.Typer(help="Administer the platform (platform admins only).", no_args_is_help=True)
@@ -31,10 +33,12 @@ users = typer.Typer(help="User accounts: list, create, disable, enable, reset.")
 teams = typer.Typer(help="Every team on the platform.")
 quotas = typer.Typer(help="Per-team quotas and usage.")
 secrets = typer.Typer(help="Secrets at rest.", no_args_is_help=True)
+tokens = typer.Typer(help="Every live token: list them, revoke any one.")
 app.add_typer(users, name="users")
 app.add_typer(teams, name="teams")
 app.add_typer(quotas, name="quotas")
 app.add_typer(secrets, name="secrets")
+app.add_typer(tokens, name="tokens")
 
 UserArgument = Annotated[str, typer.Argument(metavar="USER", help="Email or user id.", show_default=False)]
 TeamArgument = Annotated[str, typer.Argument(metavar="TEAM", help="Team slug or id.", show_default=False)]
@@ -228,6 +232,70 @@ def user_token(
     )
     session.output.emit(token)
     session.output.say(token["value"])
+
+
+@tokens.callback(invoke_without_command=True)
+def tokens_main(ctx: typer.Context, json_output: JsonOption = False) -> None:
+    """List live tokens (the default), or revoke one."""
+    if ctx.invoked_subcommand is None:
+        list_tokens(ctx, None, None, None, json_output)
+
+
+@tokens.command("list")
+def list_tokens(
+    ctx: typer.Context,
+    user: Annotated[str | None, typer.Option("--user", help="Only this user's (email or id).")] = None,
+    app_ref: Annotated[str | None, typer.Option("--app", help="Only this app's (slug or id).")] = None,
+    kind: Annotated[str | None, typer.Option("--kind", help="user (sessions, personal) or deploy.")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Every live token, newest first: name, kind, owner, last use. Values are never stored."""
+    session = use(ctx, json_output)
+    params: dict[str, Any] = {"limit": 2000}
+    if user:
+        params["user_id"] = find_user(session.client, user)["id"]
+    if app_ref:
+        every = session.client.get("/admin/apps", params={"limit": 1000})["data"]
+        found = find_app(every, app_ref)
+        if found is None:
+            raise app_not_found(app_ref)
+        params["app_id"] = found["id"]
+    if kind:
+        if kind not in ("user", "deploy"):
+            raise CLIError("Invalid kind", f"--kind is user or deploy, not {kind!r}.")
+        params["kind"] = kind
+    page = session.client.get("/admin/tokens", params=params)
+    _rows(
+        session.output,
+        page,
+        ["NAME", "KIND", "USER", "APP", "CREATED", "EXPIRES", "LAST USED", "ID"],
+        [
+            [
+                (t["name"] or "-") + (" (this one)" if t["current"] else ""),
+                t["kind"],
+                t["user_email"] or "-",
+                t["app_slug"] or "-",
+                t["created_at"] or "-",
+                t["expires_at"] or "never",
+                t["last_used_at"] or "-",
+                t["id"],
+            ]
+            for t in page["data"]
+        ],
+    )
+
+
+@tokens.command("revoke")
+def revoke_token(
+    ctx: typer.Context,
+    token_id: Annotated[str, typer.Argument(metavar="ID", help="The token's id (admin tokens list).")],
+    json_output: JsonOption = False,
+) -> None:
+    """Revoke one token, whoever's it is. Audited."""
+    session = use(ctx, json_output)
+    session.client.delete(f"/admin/tokens/{token_id}")
+    session.output.emit({"revoked": True, "token_id": token_id})
+    session.output.say(f"Revoked token {token_id}.")
 
 
 # -- teams and quotas -----------------------------------------------------------------------------------

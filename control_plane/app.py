@@ -31,7 +31,7 @@ from control_plane.config import Settings
 from control_plane.errors import APIError, api_error_handler, error_responses, http_error_handler
 from control_plane.platform import Platform
 from control_plane.ratelimit import RateLimits
-from dashboard.routes import router as dashboard_router
+from dashboard.routes import mount as mount_dashboard
 
 
 def create_app(
@@ -87,7 +87,7 @@ def create_app(
         )
     app.include_router(telemetry.receiver)
     app.include_router(auth.pages)
-    app.include_router(dashboard_router)
+    mount_dashboard(app)  # the web pages and their assets (dashboard/routes.py)
 
     @app.get("/metrics", include_in_schema=False, response_model=None)
     def prometheus_metrics(request: Request) -> Response:

@@ -131,6 +131,32 @@ async def test_user_tokens_are_listed_created_and_revoked(env: Env) -> None:
 
 
 @pytest.mark.anyio
+async def test_admins_list_and_revoke_any_token(env: Env) -> None:
+    team = await make_team(env, "tok-team")
+    user_id, token = await make_user(env, "revoked@example.test", team, "admin")
+    app = await env.create_app("tok-app", token)
+    deploy = (await env.post(f"/apps/{app['id']}/tokens", token, json={"name": "ci"})).json()
+    assert (await env.get("/admin/tokens", token)).status_code == 403  # a team admin is not a platform admin
+
+    mine = (await env.get("/admin/tokens", params={"user_id": user_id, "kind": "user"})).json()
+    assert [(t["name"], t["kind"], t["user_email"]) for t in mine["data"]] == [
+        ("test", "user", "revoked@example.test")
+    ]
+    deploys = (await env.get("/admin/tokens", params={"kind": "deploy", "app_id": app["id"]})).json()["data"]
+    assert [(t["id"], t["app_slug"], t["current"]) for t in deploys] == [(deploy["id"], "tok-app", False)]
+    assert "value" not in deploys[0] and "token_hash" not in deploys[0]
+
+    user_token_id = mine["data"][0]["id"]
+    assert (await env.delete(f"/admin/tokens/{user_token_id}")).status_code == 204
+    assert (await env.get("/users/me", token)).status_code == 401
+    assert (await env.delete(f"/admin/tokens/{user_token_id}")).status_code == 404  # already revoked
+    assert (await env.delete(f"/admin/tokens/{deploy['id']}")).status_code == 204
+    assert (await env.get("/admin/tokens", params={"app_id": app["id"]})).json()["count"] == 0
+    audit = (await env.get("/admin/audit", params={"app_id": app["id"]})).json()["data"]
+    assert any(e["method"] == "DELETE" and deploy["id"] in e["path"] for e in audit), audit
+
+
+@pytest.mark.anyio
 async def test_device_login_approved_with_email_and_password(env: Env) -> None:
     await make_user(env, "device@example.test")
     auth = (await env.client.post("/api/v1/login/device/authorization", data={"client_id": "x"})).json()
@@ -450,6 +476,16 @@ def test_admin_and_teams_cli(server: Server, tmp_path: Path) -> None:
     assert "dev@cli.test" in result.stdout
     denied = subprocess.run([CLI, "admin", "users"], env=dev_env, capture_output=True, text=True, timeout=60)
     assert denied.returncode == 1 and "Platform admins only" in denied.stderr
+
+    # The admin sees the new login's token and revokes it: the user is signed out.
+    listed = server.cli_json("admin", "tokens", "list", "--user", "dev@cli.test", "--kind", "user")
+    assert len(listed) == 1 and listed[0]["user_email"] == "dev@cli.test", listed
+    assert "dev@cli.test" in server.cli("admin", "tokens").stdout
+    server.cli("admin", "tokens", "revoke", listed[0]["id"])
+    after = subprocess.run([CLI, "whoami"], env=dev_env, capture_output=True, text=True, timeout=60)
+    assert after.returncode != 0, after.stdout
+    bad = server.cli("admin", "tokens", "revoke", listed[0]["id"], check=False)
+    assert bad.returncode == 1 and "Token not found" in bad.stderr
 
 
 @pytest.mark.e2e

@@ -12,6 +12,7 @@ segments go first, the newest lines stay readable through ``/logs/stream``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -171,3 +172,39 @@ async def test_app_logs_are_kept_up_to_the_retention_size(small_logs: Env) -> No
     # Another app's logs are its own: untouched by this app's retention.
     r = await env.get(f"/apps/{other['id']}/logs/stream", params={"since": "1h"})
     assert [json.loads(e)["message"].split()[1] for e in r.text.splitlines()] == ["000000"]
+
+
+@pytest.mark.anyio
+async def test_a_waiting_stream_holds_no_database_connection(env: Env) -> None:
+    """A follower can wait for minutes: it must not keep a pooled connection (on PostgreSQL: idle in a
+    transaction) for all that time, or a few dozen followers exhaust the pool."""
+    dep = await waiting_deployment(env, "held")
+    app_id = (await env.create_app("followed"))["id"]
+    pool = env.platform.db.engine.pool
+    before = pool.checkedout()  # type: ignore[attr-defined]
+    build = asyncio.ensure_future(stream(env, dep))
+
+    async def follow_logs() -> None:
+        async with env.client.stream(
+            "GET", f"/api/v1/apps/{app_id}/logs/stream", params={"follow": "true"}, headers=env.auth()
+        ) as r:
+            assert r.status_code == 200
+            async for _ in r.aiter_lines():
+                pass
+
+    logs = asyncio.ensure_future(follow_logs())
+
+    async def both_waiting() -> None:
+        while dep not in env.platform.buildlogs._events or not env.platform.logstore._followers:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+    try:
+        await asyncio.wait_for(both_waiting(), 5)
+        await asyncio.sleep(0.1)
+        assert pool.checkedout() == before  # type: ignore[attr-defined]
+    finally:
+        set_status(env, dep, "success")
+        await asyncio.wait_for(build, 5)
+        logs.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await logs

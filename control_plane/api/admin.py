@@ -344,6 +344,86 @@ def issue_token(user_id: str, body: ImpersonationToken, session: SessionDep) -> 
     return TokenValue(id=row.id, name=row.name, expires_at=ts(row.expires_at), value=raw)
 
 
+class AdminTokenOut(BaseModel):
+    id: str
+    kind: Literal["user", "deploy"]
+    name: str
+    user_id: str | None
+    user_email: str | None
+    app_id: str | None
+    app_slug: str | None
+    created_at: str | None
+    expires_at: str | None
+    last_used_at: str | None
+    current: bool
+    """True for the token of this very request."""
+
+
+class AdminTokenList(BaseModel):
+    data: list[AdminTokenOut]
+    count: int
+
+
+@router.get("/tokens")
+def list_all_tokens(
+    session: SessionDep,
+    principal: PrincipalDep,
+    kind: Literal["user", "deploy"] | None = None,
+    user_id: str | None = None,
+    app_id: str | None = None,
+    limit: int = Query(500, ge=1, le=2000),
+) -> AdminTokenList:
+    """Every live token (user tokens: sessions, logins, personal; deploy tokens), newest first. Values
+    are never stored, only their hashes."""
+    query = select(ApiToken).where(col(ApiToken.revoked_at).is_(None))
+    if kind is not None:
+        query = query.where(ApiToken.kind == kind)
+    if user_id is not None:
+        query = query.where(ApiToken.user_id == user_id)
+    if app_id is not None:
+        query = query.where(ApiToken.app_id == app_id)
+    now = utcnow()
+    live = (col(ApiToken.expires_at).is_(None)) | (col(ApiToken.expires_at) > now)
+    rows = session.exec(query.where(live).order_by(col(ApiToken.created_at).desc()).limit(limit)).all()
+    emails = dict(session.exec(select(User.id, User.email)).all())
+    slugs = dict(session.exec(select(App.id, App.slug)).all())
+    data = [
+        AdminTokenOut(
+            id=r.id,
+            kind="deploy" if r.kind == "deploy" else "user",
+            name=r.name,
+            user_id=r.user_id,
+            user_email=emails.get(r.user_id) if r.user_id else None,
+            app_id=r.app_id,
+            app_slug=slugs.get(r.app_id) if r.app_id else None,
+            created_at=ts(r.created_at),
+            expires_at=ts(r.expires_at),
+            last_used_at=ts(r.last_used_at),
+            current=r.id == principal.token.id,
+        )
+        for r in rows
+    ]
+    return AdminTokenList(data=data, count=len(data))
+
+
+@router.delete("/tokens/{token_id}", status_code=204)
+def revoke_any_token(token_id: str, request: Request, session: SessionDep) -> Response:
+    """Revoke one token, whoever's it is: a user's session or personal token, an app's deploy token."""
+    row = session.get(ApiToken, token_id)
+    if row is None or row.revoked_at is not None:
+        raise NotFound(
+            f"Token {token_id} not found.",
+            title="Token not found",
+            hint="GET /api/v1/admin/tokens lists the live ones.",
+        )
+    if row.app_id:
+        audit.note(request, app_id=row.app_id)
+    row.revoked_at = utcnow()
+    session.add(row)
+    session.commit()
+    return Response(status_code=204)
+
+
 # -- teams and quotas --------------------------------------------------------------------------------------
 
 

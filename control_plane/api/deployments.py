@@ -21,7 +21,7 @@ from sqlmodel import Session, col, func, select
 from starlette.requests import ClientDisconnect
 
 from control_plane import quotas
-from control_plane.api.deps import MAX_SKIP, PlatformDep, PrincipalDep, SessionDep
+from control_plane.api.deps import MAX_SKIP, PlatformDep, PrincipalDep, SessionDep, StreamingPrincipalDep
 from control_plane.errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge
 from control_plane.models import App, Deployment, Team, utcnow
 from control_plane.permissions import Action
@@ -500,7 +500,7 @@ def upload_cancelled(
     },
 )
 async def build_logs(
-    deployment_id: str, platform: PlatformDep, principal: PrincipalDep, last_id: str | None = None
+    deployment_id: str, platform: PlatformDep, principal: StreamingPrincipalDep, last_id: str | None = None
 ) -> StreamingResponse:
     def check() -> None:
         with platform.db.session() as s:

@@ -34,6 +34,19 @@ def get_principal(
     return principal
 
 
+def get_streaming_principal(
+    request: Request,
+    platform: Annotated[Platform, Depends(get_platform)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> Principal:
+    """The caller, for endpoints that stream: authenticated in a session closed at once. A request-scoped
+    session would stay open (idle in a transaction, holding a pool connection) as long as the stream."""
+    with platform.db.session() as session:
+        principal = authenticate(session, authorization)
+    audit.note(request, principal=principal)
+    return principal
+
+
 def get_limits(request: Request) -> RateLimits:
     limits: RateLimits = request.app.state.rate_limits
     return limits
@@ -50,4 +63,6 @@ MAX_SKIP = 1_000_000_000
 PlatformDep = Annotated[Platform, Depends(get_platform)]
 SessionDep = Annotated[Session, Depends(get_session)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+StreamingPrincipalDep = Annotated[Principal, Depends(get_streaming_principal)]
+"""For streaming responses: the caller without a session that lives as long as the stream."""
 LimitsDep = Annotated[RateLimits, Depends(get_limits)]

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from control_plane.api.deps import PlatformDep, PrincipalDep
+from control_plane.api.deps import PlatformDep, PrincipalDep, StreamingPrincipalDep
 from control_plane.errors import BadRequest
 from control_plane.logstore import LogFilter
 from control_plane.models import utcnow
@@ -90,7 +90,7 @@ class _NDJSON(StreamingResponse):
 async def stream_logs(
     app_id: str,
     platform: PlatformDep,
-    principal: PrincipalDep,
+    principal: StreamingPrincipalDep,
     tail: int = Query(100, ge=1, le=10_000),
     since: str = "5m",
     follow: bool = False,
