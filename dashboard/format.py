@@ -1,8 +1,8 @@
 """How the pages write numbers, times and states, and the small SVG pictures drawn on the server.
 
-Sparklines and trace waterfalls are SVG written here, not by script: they are in the HTML the server
-sends (readable before, and without, JavaScript), cost no JS bytes, and need no inline styles (the
-Content-Security-Policy allows none).
+Sparklines, error-budget bars and trace waterfalls are SVG written here, not by script: they are in the
+HTML the server sends (readable before, and without, JavaScript), cost no JS bytes, and need no inline
+styles (the Content-Security-Policy allows none).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from markupsafe import Markup, escape
 NOTHING = "\u2013"
 """What a missing value is written as (an en dash)."""
 
-_OK = {"success", "serving", "verifying_skipped", "ok"}
+_OK = {"success", "serving", "verifying_skipped", "ok", "resolved"}
 _BUSY = {
     "waiting_upload",
     "ready_for_build",
@@ -27,7 +27,7 @@ _BUSY = {
     "verifying",
     "starting",
 }
-_WARN = {"degraded", "draining", "warm", "build_skipped_superseded", "upload_cancelled"}
+_WARN = {"degraded", "degraded_oom", "draining", "warm", "build_skipped_superseded", "upload_cancelled"}
 _MUTED = {"new", "stopped", "unset"}
 
 
@@ -119,6 +119,35 @@ def pct(value: float | None) -> str:
     return f"{v:.0f} %" if v >= 10 or v == 0 else f"{v:.2f} %"
 
 
+def percent(value: float | None, digits: int = 3) -> str:
+    """A ratio with its nines: 0.999 is ``99.9 %``, 0.99875 ``99.875 %`` (up to ``digits`` decimals,
+    trailing zeros dropped). ``pct`` rounds to two digits, which makes every objective ``100 %``."""
+    if value is None:
+        return NOTHING
+    text = f"{float(value) * 100:.{digits}f}".rstrip("0").rstrip(".")
+    return f"{text} %"
+
+
+def duration(value: float | None) -> str:
+    """A span of time in at most two units: ``45 s``, ``5 min``, ``2 h 10 min``, ``6 h``, ``30 d``."""
+    if value is None:
+        return NOTHING
+    total = max(0, round(float(value)))
+    for unit, size, smaller, small in (("d", 86400, "h", 3600), ("h", 3600, "min", 60), ("min", 60, "s", 1)):
+        if total >= size:
+            rest = total % size // small
+            return f"{total // size} {unit}" + (f" {rest} {smaller}" if rest else "")
+    return f"{total} s"
+
+
+def rate(value: float | None) -> str:
+    """A burn rate: ``14.4x`` (1x spends the budget exactly over the SLO's window)."""
+    if value is None:
+        return NOTHING
+    v = float(value)
+    return f"{v:.1f}x" if v < 100 else f"{v:.0f}x"
+
+
 def num(value: float | None) -> str:
     if value is None:
         return NOTHING
@@ -175,6 +204,18 @@ def sparkline(
     ).format(kind=kind, w=width, h=height, label=label, lines=lines, dots=dots)
 
 
+def budget_bar(remaining: float, label: str, *, width: int = 160, height: int = 10) -> Markup:
+    """An error budget as a bar: the share left (``remaining``: 1 untouched, 0 or less used up) filled,
+    its tone ``ok`` above a quarter, ``warn`` above nothing, ``bad`` when spent."""
+    share = min(1.0, max(0.0, float(remaining)))
+    tone = "ok" if share >= 0.25 else "warn" if share > 0 else "bad"
+    return Markup(
+        '<svg class="budget {tone}" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
+        'aria-label="{label}"><title>{label}</title><rect class="track" width="{w}" height="{h}" rx="2"/>'
+        '<rect class="fill" width="{fill}" height="{h}" rx="2"/></svg>'
+    ).format(tone=tone, w=width, h=height, label=label, fill=round(share * width, 1))
+
+
 def waterfall(spans: Sequence[dict[str, Any]], total_ms: float) -> list[dict[str, Any]]:
     """Each span with its bar's geometry on a 0..1000 axis (``x``, ``w``: at least a visible sliver)."""
     scale = 1000 / total_ms if total_ms > 0 else 0.0
@@ -202,6 +243,9 @@ FILTERS: dict[str, Callable[..., Any]] = {
     "ms": ms,
     "pct": pct,
     "num": num,
+    "percent": percent,
+    "duration": duration,
+    "rate": rate,
     "size": size,
     "short": short,
     "attr": attr_value,

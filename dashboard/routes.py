@@ -6,6 +6,7 @@
     /dashboard/apps/{app}/settings (+ forms)            pages/configure.py
     /dashboard/apps/{app}/metrics, traces, logs         pages/metrics.py, traces.py, logs.py
     /dashboard/apps/{app}/insights                      pages/insights.py
+    /dashboard/apps/{app}/alerts (+ SLO, webhook forms) pages/alerts.py
     /dashboard/traces/{trace_id}                        pages/traces.py
     /dashboard/admin/...                                pages/admin.py
     /dashboard/static/{file}                            assets.py
@@ -21,7 +22,18 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from control_plane.errors import NotFound
-from dashboard.pages import admin, apps, auth, configure, deployments, insights, logs, metrics, traces
+from dashboard.pages import (
+    admin,
+    alerts,
+    apps,
+    auth,
+    configure,
+    deployments,
+    insights,
+    logs,
+    metrics,
+    traces,
+)
 from dashboard.web import Dashboard, DashboardRoute, DashDep, VisitorDep, render, see_other
 
 router = APIRouter(include_in_schema=False)
@@ -80,7 +92,7 @@ def unknown(rest: str) -> Response:
     raise NotFound(f"There is no page at /dashboard/{rest}.", title="Page not found")
 
 
-for _module in (auth, apps, deployments, configure, metrics, traces, logs, insights, admin):
+for _module in (auth, apps, deployments, configure, metrics, traces, logs, insights, alerts, admin):
     router.include_router(_module.router)
 router.include_router(_static)
 router.include_router(_links)  # last: ``/{team}/apps/...`` would otherwise shadow ``/dashboard/apps/...``

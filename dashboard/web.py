@@ -74,6 +74,7 @@ class Dashboard:
         env.auto_reload = False  # templates ship with the package: no stat() per render
         env.globals["asset"] = self.assets.url
         env.globals["sparkline"] = fmt.sparkline
+        env.globals["budget_bar"] = fmt.budget_bar
         env.filters.update(fmt.FILTERS)
         self._keys: sessions.Keys | None = None
         self._lock = threading.Lock()

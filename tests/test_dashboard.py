@@ -8,20 +8,31 @@ server; this tier checks the rules one by one, fast.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import hmac
+import json
 import re
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from markupsafe import escape
 from sqlmodel import col, select
 
+from control_plane import insights
 from control_plane.app import create_app
 from control_plane.config import Settings
-from control_plane.models import ApiToken, AuditEntry, Membership, Team, User
+from control_plane.models import Alert, ApiToken, AuditEntry, Deployment, Membership, Team, TraceSummary, User
+from control_plane.models import App as AppRow
 from control_plane.passwords import hash_password
 from control_plane.permissions import Action, Role, allows
 from control_plane.platform import Platform
@@ -30,6 +41,7 @@ from dashboard import format as fmt
 from dashboard import sessions
 from dashboard.assets import STATIC, Assets
 from tests.dbs import database
+from tests.test_insights_e2e import BLOCKING
 
 ADMIN = "fdp_test_admin_token"
 PASSWORD = "a long enough password"
@@ -376,6 +388,7 @@ PAGES = {
     "/dashboard/apps/web/metrics": Action.APP_MONITOR,
     "/dashboard/apps/web/metrics.json?range=24h": Action.APP_MONITOR,
     "/dashboard/apps/web/insights": Action.APP_MONITOR,
+    "/dashboard/apps/web/alerts": Action.APP_MONITOR,
     "/dashboard/apps/web/settings": Action.APP_MONITOR,
     "/dashboard/apps/web/traces": Action.LOGS_READ,
     "/dashboard/apps/web/logs": Action.LOGS_READ,
@@ -388,6 +401,11 @@ FORMS: dict[str, tuple[Action, dict[str, str]]] = {
     "/dashboard/apps/web/health-path": (Action.APP_UPDATE, {"health_path": "/healthz"}),
     "/dashboard/apps/web/insights": (Action.APP_UPDATE, {"fail_on_blocking": "on"}),
     "/dashboard/apps/web/tokens": (Action.TOKENS_MANAGE, {"name": "ci"}),
+    "/dashboard/apps/web/slos": (Action.APP_UPDATE, {"kind": "availability", "target": "99.9"}),
+    "/dashboard/apps/web/slos/nope/delete": (Action.APP_UPDATE, {}),
+    "/dashboard/apps/web/webhooks": (Action.APP_UPDATE, {"url": "http://127.0.0.1:9/hook"}),
+    "/dashboard/apps/web/webhooks/nope/delete": (Action.APP_UPDATE, {}),
+    "/dashboard/apps/web/webhooks/nope/test": (Action.APP_UPDATE, {}),
     "/dashboard/apps/web/rollback": (Action.RELEASE, {}),
     "/dashboard/apps/web/redeploy": (Action.RELEASE, {}),
     "/dashboard/apps/web/delete": (Action.APP_DELETE, {"confirm": "not-the-name"}),
@@ -570,6 +588,416 @@ async def test_admin_creates_a_user_and_sees_the_password_once(env: Env) -> None
     assert again.status_code == 409 and "Email taken" in again.text
 
 
+# -- SLOs, alerts and webhooks ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Head:
+    path: bytes = b"/"
+
+
+@dataclass
+class FakeRequest:
+    """A request as the router reports it when done (``RequestInfo``): what SLOs are counted from."""
+
+    status: int = 200
+    head: _Head = field(default_factory=_Head)
+    method: bytes = b"GET"
+    started: float = 0.0
+    upstream_id: str | None = None
+    waited: float = -1.0
+    cold: bool = False
+    broken: bool = False
+    received: int = 0
+    sent: int = 0
+
+
+def served(env: Env, app_id: str, good: int, bad: int) -> None:
+    """``good`` answers and ``bad`` 503s, as if through the router just now (the open metrics window)."""
+    now = time.time()
+    for status in [200] * good + [503] * bad:
+        env.platform.metrics.request_done(app_id, FakeRequest(status, started=now - 0.02), now)  # type: ignore[arg-type]
+
+
+def alert_row(app_id: str, kind: str, status: str, minutes_ago: float, **extra: Any) -> Alert:
+    started = datetime.now(UTC) - timedelta(minutes=minutes_ago)
+    return Alert(
+        app_id=app_id,
+        kind=kind,
+        key=extra.pop("key", kind),
+        severity=extra.pop("severity", "page"),
+        status=status,
+        message=extra.pop("message", f"{kind} on purpose"),
+        started_at=started,
+        resolved_at=started + timedelta(minutes=2) if status == "resolved" else None,
+        **extra,
+    )
+
+
+@pytest.mark.anyio
+async def test_the_alerts_tab_shows_slos_budgets_burn_rates_alerts_and_webhooks(env: Env) -> None:
+    app = await env.create_app("web")
+    await env.create_app("quiet")
+    availability = await env.api(
+        "POST",
+        f"/apps/{app['id']}/slos",
+        json={"name": "available", "kind": "availability", "target": 0.999, "window_days": 0.25},
+    )
+    latency = await env.api(
+        "POST",
+        f"/apps/{app['id']}/slos",
+        json={"name": "fast", "kind": "latency", "target": 0.99, "threshold_ms": 300},
+    )
+    assert availability.status_code == latency.status_code == 201, availability.text
+    hook = (
+        await env.api("POST", f"/apps/{app['id']}/webhooks", json={"url": "https://hooks.example/x"})
+    ).json()
+    served(env, app["id"], good=90, bad=10)
+    delivered = json.dumps([{"webhook": hook["id"], "status": 204, "at": datetime.now(UTC).isoformat()}])
+    with env.platform.db.session() as s:
+        s.add(
+            alert_row(
+                app["id"], "slo", "firing", 30, key=availability.json()["id"], message="SLO available burns"
+            )
+        )
+        s.add(alert_row(app["id"], "crash_loop", "resolved", 5, deliveries=delivered))
+        s.add(alert_row(app["id"], "deploy_failed", "resolved", 1, severity="ticket"))
+        s.commit()
+    await sign_in(env.client)
+    page = await env.client.get("/dashboard/apps/web/alerts")
+    assert page.status_code == 200
+    html = page.text
+    assert 'aria-current="page">Alerts</a>' in html
+    # Each SLO: objective, window, SLI, budget (a bar drawn here), burn rates, state.
+    available = html.split(f'data-slo="{availability.json()["id"]}"')[1].split("</article>")[0]
+    assert (
+        "99.9 %" in available
+        and "6 h" in available
+        and "90 %" in available
+        and "of 100 requests" in available
+    )
+    assert '<svg class="budget bad"' in available and "none left" in available
+    assert available.count("<tr") == 5 and 'class="burning"' in available  # four rules, 10 % errors burn
+    assert "14.4x" in available and "none left: 100" in available  # the page rule's rate; 10 % / 0.1 %
+    fast = html.split(f'data-slo="{latency.json()["id"]}"')[1].split("</article>")[0]
+    assert "answered within 300 ms" in fast and "30 d" in fast and "100 %" in fast
+    assert '<svg class="budget ok"' in fast and "100 % left" in fast
+    # The alerts: the firing one first, though the oldest; kind, severity, how long, what was sent.
+    rows = re.findall(r'<tr data-alert="[^"]+" data-status="(\w+)" data-kind="(\w+)"', html)
+    assert rows == [("firing", "slo"), ("resolved", "deploy_failed"), ("resolved", "crash_loop")]
+    assert (
+        "SLO available burns" in html and "crash loop" in html and "2 min" in html and "1 delivered" in html
+    )
+    # Webhooks (app:update): the URL and the last delivery's answer, never the secret.
+    assert "https://hooks.example/x" in html and hook["secret"] not in html
+    last = html.split(f'data-webhook="{hook["id"]}"')[1].split("</tr>")[0]
+    assert '<span class="badge ok">204</span>' in last
+    # The firing alert is on the app's header on every tab, and on the apps lists.
+    for path in (
+        "/dashboard/apps/web",
+        "/dashboard/apps/web/metrics",
+        "/dashboard/",
+        "/dashboard/teams/default",
+    ):
+        found = await env.client.get(path)
+        assert re.search(
+            r'href="/dashboard/apps/web/alerts#alerts" data-firing="1">1 alert firing<', found.text
+        ), path
+        assert "/dashboard/apps/quiet/alerts#alerts" not in found.text, path
+    # Nothing fires for the other app: no badge, an empty history.
+    quiet = (await env.client.get("/dashboard/apps/quiet/alerts")).text
+    assert "data-firing" not in quiet and "Nothing has fired." in quiet and "No SLOs yet" in quiet
+
+
+@pytest.mark.anyio
+async def test_slo_forms_are_the_apis_with_its_permissions_csrf_validation_and_audit(env: Env) -> None:
+    app = await env.create_app("web")
+    viewer = await env.signed_in(env.user("viewer@example.com", role="viewer"))
+    page = await viewer.get("/dashboard/apps/web/alerts")
+    assert page.status_code == 200  # a viewer reads SLOs and alerts (app:monitor) ...
+    form = page.text.split('action="/dashboard/apps/web/slos"')[1].split("</form>")[0]
+    assert "<fieldset disabled>" in form and "that needs <strong>member</strong>" in form
+    assert "cannot change this app: that needs <strong>member</strong>" in page.text.split('id="webhooks"')[1]
+    token = csrf_of(page.text)
+    refused = await viewer.post("/dashboard/apps/web/slos", data={"csrf_token": token, "target": "99"})
+    assert refused.status_code == 403 and "needs member" in refused.text  # ... and cannot add one
+    await viewer.aclose()
+
+    await sign_in(env.client)
+    token = await page_csrf(env.client, "/dashboard/apps/web/alerts")
+    good = {"kind": "availability", "target": "99.5", "window_days": "7"}
+    assert (await env.client.post("/dashboard/apps/web/slos", data=good)).status_code == 403
+    cross = await env.client.post(
+        "/dashboard/apps/web/slos",
+        data={**good, "csrf_token": token},
+        headers={"Origin": "https://evil.example"},
+    )
+    assert cross.status_code == 403 and "Form expired" in cross.text
+    assert (await env.api("GET", f"/apps/{app['id']}/slos")).json()["data"] == []
+    # Validation: the API's model says what is wrong, next to the form, with what was typed.
+    bad = await env.client.post(
+        "/dashboard/apps/web/slos", data={**good, "target": "150", "window_days": "365", "csrf_token": token}
+    )
+    assert bad.status_code == 422
+    assert (
+        "<strong>Invalid SLO</strong> Some fields are not valid" in bad.text and "share answered" in bad.text
+    )
+    assert 'id="target-error">A percentage between 0 and 100' in bad.text
+    assert 'id="window_days-error">Input should be less than or equal to 90' in bad.text
+    assert 'value="150"' in bad.text and 'value="365"' in bad.text
+    latency = await env.client.post(
+        "/dashboard/apps/web/slos", data={"kind": "latency", "target": "99", "csrf_token": token}
+    )
+    assert latency.status_code == 400  # the API's own check, its title, message and hint
+    assert "<strong>Invalid SLO</strong> A latency SLO needs threshold_ms." in latency.text
+    assert "p99 ≤ 300 ms: target 0.99, threshold_ms 300." in latency.text
+    # Added: the name made up as the CLI does, the objective as a fraction.
+    r = await env.client.post("/dashboard/apps/web/slos", data={**good, "csrf_token": token})
+    assert r.status_code == 303 and r.headers["location"] == "/dashboard/apps/web/alerts?saved=slo#slos"
+    r = await env.client.post(
+        "/dashboard/apps/web/slos",
+        data={"kind": "latency", "target": "95", "threshold_ms": "250", "csrf_token": token},
+    )
+    assert r.status_code == 303
+    listed = (await env.api("GET", f"/apps/{app['id']}/slos")).json()["data"]
+    assert [(s["name"], s["kind"], s["target"], s["threshold_ms"], s["window_days"]) for s in listed] == [
+        ("availability 99.5%", "availability", 0.995, None, 7),
+        ("p95 ≤ 250 ms", "latency", 0.95, 250, 30),
+    ]
+    shown = await env.client.get("/dashboard/apps/web/alerts?saved=slo")
+    assert "SLO added" in shown.text and "availability 99.5%" in shown.text
+    # Deleted, from its own form.
+    r = await env.client.post(
+        f"/dashboard/apps/web/slos/{listed[0]['id']}/delete", data={"csrf_token": token}
+    )
+    assert r.status_code == 303 and r.headers["location"].endswith("?saved=slo-deleted#slos")
+    assert [s["name"] for s in (await env.api("GET", f"/apps/{app['id']}/slos")).json()["data"]] == [
+        "p95 ≤ 250 ms"
+    ]
+    gone = await env.client.post(
+        f"/dashboard/apps/web/slos/{listed[0]['id']}/delete", data={"csrf_token": token}
+    )
+    assert gone.status_code == 404 and "SLO not found" in gone.text
+    with env.platform.db.session() as s:
+        audited = s.exec(
+            select(AuditEntry)
+            .where(col(AuditEntry.route).startswith("/dashboard/apps/{app_slug}/slos"))
+            .order_by(col(AuditEntry.id))
+        ).all()
+    assert [(a.route, a.status_code) for a in audited] == [
+        ("/dashboard/apps/{app_slug}/slos", 403),
+        ("/dashboard/apps/{app_slug}/slos", 403),
+        ("/dashboard/apps/{app_slug}/slos", 403),
+        ("/dashboard/apps/{app_slug}/slos", 422),
+        ("/dashboard/apps/{app_slug}/slos", 400),
+        ("/dashboard/apps/{app_slug}/slos", 303),
+        ("/dashboard/apps/{app_slug}/slos", 303),
+        ("/dashboard/apps/{app_slug}/slos/{slo_id}/delete", 303),
+        ("/dashboard/apps/{app_slug}/slos/{slo_id}/delete", 404),
+    ]
+    assert {(a.actor_email, a.app_id) for a in audited[3:]} == {("admin@localhost", app["id"])}
+    assert audited[0].actor_email == "viewer@example.com"
+
+
+class Receiver(ThreadingHTTPServer):
+    """A webhook receiver on a real socket: it keeps what it was sent and answers 204."""
+
+    def __init__(self) -> None:
+        self.got: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                signature = self.headers.get("X-FastAPI-Deploy-Signature")
+                receiver.got.append({"body": json.loads(body), "raw": body, "signature": signature})
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/hook"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    thread = threading.Thread(target=server.serve_forever, name="webhook-receiver", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.mark.anyio
+async def test_webhooks_are_added_tested_and_deleted_from_the_alerts_tab(
+    env: Env, receiver: Receiver
+) -> None:
+    app = await env.create_app("web")
+    await sign_in(env.client)
+    token = await page_csrf(env.client, "/dashboard/apps/web/alerts")
+    bad = await env.client.post(
+        "/dashboard/apps/web/webhooks", data={"url": "not a url", "csrf_token": token}
+    )
+    assert bad.status_code == 422 and "<strong>Invalid webhook</strong>" in bad.text
+    assert 'id="url-error">Input should be a valid URL' in bad.text and 'value="not a url"' in bad.text
+    assert "hooks.slack.com/services/" in bad.text  # the hint
+    created = await env.client.post(
+        "/dashboard/apps/web/webhooks", data={"url": receiver.url, "csrf_token": token}
+    )
+    secret = re.search(r'id="once-value" class="mono" readonly value="([0-9a-f]{32})"', created.text)
+    assert created.status_code == 201 and secret
+    (hook,) = (await env.api("GET", f"/apps/{app['id']}/webhooks")).json()["data"]
+    assert (hook["url"], hook["kind"]) == (receiver.url, "json")
+    page = await env.client.get("/dashboard/apps/web/alerts")
+    assert secret.group(1) not in page.text and f'data-webhook="{hook["id"]}"' in page.text
+    # A test delivery: sent now, signed with the secret shown once, and what it answered is on the page.
+    tested = await env.client.post(
+        f"/dashboard/apps/web/webhooks/{hook['id']}/test", data={"csrf_token": token}
+    )
+    assert tested.status_code == 200 and "Test sent: the webhook answered 204." in tested.text
+    (got,) = receiver.got
+    assert got["body"]["type"] == "test" and got["body"]["app"] == "web"
+    signed = hmac.new(secret.group(1).encode(), got["raw"], hashlib.sha256).hexdigest()
+    assert got["signature"] == f"sha256={signed}"
+    r = await env.client.post(f"/dashboard/apps/web/webhooks/{hook['id']}/delete", data={"csrf_token": token})
+    assert r.status_code == 303 and r.headers["location"].endswith("?saved=webhook-deleted#webhooks")
+    assert (await env.api("GET", f"/apps/{app['id']}/webhooks")).json()["data"] == []
+    with env.platform.db.session() as s:
+        routes = [
+            (a.route, a.status_code)
+            for a in s.exec(
+                select(AuditEntry)
+                .where(col(AuditEntry.route).startswith("/dashboard/apps/{app_slug}/webhooks"))
+                .order_by(col(AuditEntry.id))
+            ).all()
+        ]
+    assert routes == [
+        ("/dashboard/apps/{app_slug}/webhooks", 422),
+        ("/dashboard/apps/{app_slug}/webhooks", 201),
+        ("/dashboard/apps/{app_slug}/webhooks/{webhook_id}/test", 200),
+        ("/dashboard/apps/{app_slug}/webhooks/{webhook_id}/delete", 303),
+    ]
+
+
+# -- insights and traces ---------------------------------------------------------------------------------
+
+
+# BLOCKING: an async route calling time.sleep through a helper (tests/test_insights_e2e.py).
+def _contract(required_q: bool) -> dict[str, Any]:
+    api = FastAPI()
+    if required_q:
+
+        @api.get("/items/{item_id}")
+        def read_item_q(item_id: int, q: str) -> dict[str, int]:  # a new required parameter
+            return {"item_id": item_id}
+
+    else:
+
+        @api.get("/items/{item_id}")
+        def read_item(item_id: int) -> dict[str, int]:
+            return {"item_id": item_id}
+
+        @api.get("/users")
+        def list_users() -> list[str]:
+            return []
+
+    return api.openapi()
+
+
+@pytest.mark.anyio
+async def test_the_insights_page_shows_the_builds_findings_and_contract_diff(
+    env: Env, tmp_path: Path
+) -> None:
+    """What the pipeline keeps beside a build (its own functions, on a real project and two real
+    OpenAPI documents), as the page shows it."""
+    app = await env.create_app("web")
+    with env.platform.db.session() as s:
+        row = s.get(AppRow, app["id"])
+        assert row is not None
+        dep = Deployment(app_id=row.id, status="success")
+        s.add(dep)
+        s.flush()
+        row.current_deployment_id, row.min_instances = dep.id, 0
+        s.add(row)
+        s.commit()
+        dep_id = dep.id
+    project = tmp_path / "blocky"
+    project.mkdir()
+    (project / "main.py").write_text(BLOCKING)
+    kept = env.platform.paths.deployments / dep_id
+    logged: list[str] = []
+    report = insights.analyze_build(
+        project, "main:app", kept / insights.INSIGHTS_FILE, fail_on_blocking=False, log=logged.append
+    )
+    diff = insights.compare_contract(
+        _contract(False),
+        _contract(True),
+        "before",
+        kept / insights.CONTRACT_FILE,
+        fail_on_breaking=False,
+        log=logged.append,
+    )
+    assert diff is not None and diff["summary"]["breaking"] >= 2, diff  # a removed path, a required q
+    await sign_in(env.client)
+    html = (await env.client.get("/dashboard/apps/web/insights")).text
+    (finding,) = report["findings"]
+    assert "1 blocking call(s)" in html
+    assert '<strong class="mono">time.sleep</strong> in <span class="mono">main.py:10</span>' in html
+    assert escape(finding["message"]) in html and escape(finding["fix"]) in html
+    assert "GET /report" in finding["message"] and escape(" → ".join(finding["chain"])) in html
+    assert f"{diff['summary']['breaking']} breaking, {diff['summary']['non_breaking']} compatible" in html
+    for change in diff["changes"]:
+        assert f'<span class="badge bad">breaking</span> {escape(change["message"])}' in html, change
+    assert any("/users" in c["message"] for c in diff["changes"])
+
+
+@pytest.mark.anyio
+async def test_the_traces_route_filter_narrows_the_list(env: Env) -> None:
+    app = await env.create_app("web")
+    now = datetime.now(UTC)
+    traces = {
+        f"{i:032x}": ("/items/{item_id}" if i % 2 else "/users", 500 if i == 3 else 200) for i in range(1, 7)
+    }
+    with env.platform.db.session() as s:
+        for n, (trace_id, (route, status)) in enumerate(traces.items()):
+            s.add(
+                TraceSummary(
+                    trace_id=trace_id,
+                    app_id=app["id"],
+                    started_at=now - timedelta(seconds=n),
+                    duration_ms=12.5,
+                    name=f"GET {route}",
+                    route=route,
+                    method="GET",
+                    http_status=status,
+                    error=status >= 500,
+                    span_count=2,
+                )
+            )
+        s.commit()
+    await sign_in(env.client)
+
+    async def listed(query: str) -> set[str]:
+        r = await env.client.get(f"/dashboard/apps/web/traces{query}")
+        assert r.status_code == 200
+        return set(re.findall(r'<tr data-trace="([0-9a-f]{32})"', r.text))
+
+    items = {t for t, (route, _) in traces.items() if route == "/items/{item_id}"}
+    assert await listed("") == set(traces)
+    assert await listed("?route=/items/{item_id}") == items
+    assert await listed("?route=%2Fusers") == set(traces) - items
+    assert await listed("?route=/items/{item_id}&status=error") == {f"{3:032x}"}
+    assert await listed("?route=/nowhere") == set()
+    page = await env.client.get("/dashboard/apps/web/traces?route=/users")
+    assert 'id="f-route" name="route" class="mono" list="route-list" value="/users"' in page.text
+
+
 @pytest.mark.anyio
 async def test_dashboard_changes_are_in_the_audit_log(env: Env) -> None:
     app = await env.create_app("web")
@@ -606,6 +1034,7 @@ async def test_pages_carry_security_headers_and_no_inline_script(env: Env) -> No
         "/dashboard/",
         "/dashboard/apps/web/metrics",
         "/dashboard/apps/web/settings",
+        "/dashboard/apps/web/alerts",
     ):
         r = await env.client.get(path)
         csp = r.headers["content-security-policy"]

@@ -42,7 +42,9 @@ from playwright.sync_api import (
 )
 
 from tests.conftest import ROOT, Server, make_server, wait_until
+from tests.test_dashboard import Receiver
 from tests.test_e2e import push
+from tests.test_insights_e2e import BLOCKING
 
 pytestmark = pytest.mark.e2e
 
@@ -155,6 +157,7 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dash]:
         FASTAPI_DEPLOY_ADMIN_PASSWORD=PASSWORD,
         FASTAPI_DEPLOY_TRACE_SAMPLE="1.0",
         FASTAPI_DEPLOY_RATE_LIMIT_LOGIN="100/0.1",
+        FASTAPI_DEPLOY_ALERT_INTERVAL="1",
     )
     srv.start()
     srv.cli("login", "--url", srv.url, "--token", srv.admin_token)
@@ -470,6 +473,23 @@ def test_traces_filter_and_waterfall(admin: Page, dash: Dash) -> None:
     # Errors: a 5xx, or a span that failed (a blocked event loop marks a 200's trace too).
     assert errors.count() == errors.locator(".badge.bad").count()
     admin.get_by_label("Outcome").select_option("")
+    admin.get_by_role("button", name="Filter").click()
+    names = admin.locator("tr[data-trace] th")
+    expect(names.first).to_be_visible()
+    assert any("/items/{item_id}" not in n for n in names.all_inner_texts())  # /boom, /slow, / ...
+    # One route: only its traces, and the filter is kept in the form.
+    admin.get_by_label("Route", exact=True).fill("/items/{item_id}")
+    admin.get_by_role("button", name="Filter").click()
+    expect(admin).to_have_url(re.compile(r"route=%2Fitems%2F%7Bitem_id%7D"))
+    expect(names.first).to_contain_text("/items/")
+    items = names.all_inner_texts()
+    assert items and all("/items/{item_id}" in n for n in items), items
+    expect(admin.get_by_label("Route", exact=True)).to_have_value("/items/{item_id}")
+    admin.get_by_label("Route", exact=True).fill("/nowhere")
+    admin.get_by_role("button", name="Filter").click()
+    expect(admin.locator("tr[data-trace]")).to_have_count(0)
+    expect(admin.locator("main")).to_contain_text("No kept traces match")
+    admin.get_by_label("Route", exact=True).fill("")
     admin.get_by_label("Slow").check()
     admin.get_by_role("button", name="Filter").click()
     expect(admin.locator("tr[data-trace]").first).to_contain_text("/slow")
@@ -532,6 +552,181 @@ def test_log_tail_follows_with_filters(admin: Page, dash: Dash) -> None:
     expect(lines.filter(has_text=held)).to_have_count(0)
     admin.get_by_role("button", name="Resume").click()
     expect(lines.filter(has_text=f"said {held}")).to_have_count(1, timeout=20_000)
+
+
+# -- SLOs and alerts, insights ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    """A webhook receiver on a real socket (in a thread of the tests): what the alerts sent."""
+    server = Receiver()
+    thread = threading.Thread(target=server.serve_forever, name="webhook-receiver", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def firing(dash: Dash, app_id: str) -> list[dict[str, Any]]:
+    with dash.server.api() as api:
+        got: list[dict[str, Any]] = api.get(f"/apps/{app_id}/alerts", params={"status": "firing"}).json()[
+            "data"
+        ]
+    return got
+
+
+def test_an_slo_made_on_the_page_fires_and_resolves_there(
+    admin: Page, dash: Dash, receiver: Receiver
+) -> None:
+    # An app of its own: no error the other tests sent to demo counts against its SLO.
+    push(dash.server, write_app(dash.work / "budget", DEMO.format(version="v1")), "budget")
+    with dash.server.api() as api:
+        budget = next(a["id"] for a in api.get("/apps/").json()["data"] if a["slug"] == "budget")
+    admin.goto("/dashboard/apps/budget/alerts")
+    expect(admin.locator("#slos")).to_contain_text("No SLOs yet")
+    # A 6-hour SLO: its page rules read 30 s / 10 s and 3 min / 15 s windows, so a burst burns it at once.
+    form = admin.get_by_role("form", name="Add an SLO")
+    form.get_by_label("Kind").select_option("availability")
+    form.get_by_label("Objective (%)").fill("99.9")
+    form.get_by_label("Window (days)").fill("0.25")
+    form.get_by_role("button", name="Add SLO").click()
+    expect(admin.get_by_role("status")).to_contain_text("SLO added")
+    slo = admin.locator("article[data-slo]")
+    expect(slo).to_have_count(1)
+    expect(slo.locator("h3")).to_have_text("availability 99.9%")
+    expect(slo).to_have_attribute("data-state", "ok")
+    expect(slo).to_contain_text("6 h")
+    expect(slo.locator("svg.budget")).to_have_count(1)
+    expect(slo.locator("table.burn tbody tr")).to_have_count(4)
+    with dash.server.api() as api:
+        (made,) = api.get(f"/apps/{budget}/slos").json()["data"]
+    assert (made["target"], made["window_days"], made["kind"]) == (0.999, 0.25, "availability")
+    # A webhook, its secret shown once, and a test delivery answered by the receiver.
+    hooks = admin.get_by_role("form", name="Add a webhook")
+    hooks.get_by_label("URL").fill(receiver.url)
+    hooks.get_by_role("button", name="Add webhook").click()
+    secret = admin.locator(".once input").input_value()
+    assert re.fullmatch(r"[0-9a-f]{32}", secret), secret
+    admin.get_by_role("button", name=f"Send a test to {receiver.url}").click()
+    expect(admin.get_by_role("status")).to_contain_text("Test sent: the webhook answered 204")
+    assert [g["body"]["type"] for g in receiver.got] == ["test"]
+
+    # Failing traffic (the app's /boom answers 500) until the alert fires; then the page shows it.
+    stop = threading.Event()
+
+    def burn() -> None:
+        host = {"Host": f"budget.localhost:{dash.server.router_port}"}
+        with httpx.Client(base_url=dash.server.router_url, headers=host, timeout=10) as c:
+            while not stop.is_set():
+                try:
+                    c.get("/boom")
+                except httpx.HTTPError:
+                    pass  # counted as failures too, or not at all: the wait below says which
+                stop.wait(0.05)
+
+    burner = threading.Thread(target=burn, name="errors")
+    burner.start()
+    try:
+        (alert,) = wait_until(lambda: firing(dash, budget), 60, interval=0.5, what="the SLO alert to fire")
+        assert (alert["kind"], alert["severity"]) == ("slo", "page")
+        admin.goto("/dashboard/apps/budget/alerts")
+        first = admin.locator("tr[data-alert]").first
+        expect(first).to_have_attribute("data-status", "firing")
+        expect(first).to_have_attribute("data-kind", "slo")
+        expect(first).to_contain_text("is burning its error budget")
+        expect(first.locator("td.num")).to_contain_text("so far")
+        expect(slo).to_have_attribute("data-state", "firing")
+        expect(slo.locator(".slo-head .badge")).to_have_text("firing · page")
+        expect(slo.locator("tr.burning").first).to_contain_text("page")
+        expect(slo.locator("[data-k=budget]")).to_contain_text("none left")
+        expect(admin.locator(".app-head a[data-firing]")).to_have_text("1 alert firing")
+        shot(admin, "alerts-firing")
+        # Seen without opening the tab: the app's header, the apps list.
+        admin.goto("/dashboard/")
+        expect(admin.locator("tr[data-app=budget] a[data-firing]")).to_have_text("1 alert firing")
+        admin.goto("/dashboard/apps/budget")
+        admin.locator(".app-head a[data-firing]").click()
+        expect(admin).to_have_url(re.compile(r"/dashboard/apps/budget/alerts#alerts$"))
+    finally:
+        stop.set()
+        burner.join(20)
+
+    # Good traffic: the short windows recover, the alert resolves, once, and the page says so.
+    def resolved() -> bool:
+        assert dash.server.get("budget").status_code == 200
+        return not firing(dash, budget)
+
+    wait_until(resolved, 90, interval=0.3, what="the SLO alert to resolve")
+
+    def statuses() -> list[str]:
+        return [g["body"]["status"] for g in receiver.got if g["body"]["type"] == "slo_alert"]
+
+    wait_until(
+        lambda: statuses() == ["firing", "resolved"],
+        15,
+        what=f"one firing and one resolved sent: {[g['body'] for g in receiver.got]}",
+    )
+
+    def delivered_twice() -> bool:
+        admin.goto("/dashboard/apps/budget/alerts")
+        return "2 delivered" in admin.locator("tr[data-alert]").first.inner_text()
+
+    wait_until(delivered_twice, 20, interval=0.5, what="the deliveries on the page")
+    first = admin.locator("tr[data-alert]").first
+    expect(first).to_have_attribute("data-status", "resolved")
+    expect(first).not_to_contain_text("so far")
+    expect(slo).to_have_attribute("data-state", "ok")
+    expect(admin.locator("[data-firing]")).to_have_count(0)
+    expect(admin.locator("tr[data-webhook] [data-k=last]")).to_contain_text("204")
+
+    # Deleted from its form (confirm() accepted): its alerts stay in the history.
+    slo.get_by_role("button", name="Delete the SLO availability 99.9%").click()
+    expect(admin.get_by_role("status")).to_contain_text("SLO deleted")
+    expect(admin.locator("article[data-slo]")).to_have_count(0)
+    expect(admin.locator("tr[data-alert][data-kind=slo]")).to_have_count(1)
+    # A latency SLO on demo stays for the pages' screenshots (nothing in these tests is that slow).
+    admin.goto("/dashboard/apps/demo/alerts")
+    form.get_by_label("Kind").select_option("latency")
+    form.get_by_label("Objective (%)").fill("99")
+    form.get_by_label("Latency threshold (ms)").fill("1000")
+    form.get_by_role("button", name="Add SLO").click()
+    expect(admin.locator("article[data-slo] h3")).to_have_text("p99 ≤ 1000 ms")
+    expect(admin.locator("article[data-slo]")).to_contain_text("answered within 1.00 s")
+    shot(admin, "alerts")
+
+
+# BLOCKING: an async route calling time.sleep through a helper (tests/test_insights_e2e.py).
+def test_insights_show_the_blocking_call_and_the_contract_diff(admin: Page, dash: Dash) -> None:
+    folder = write_app(dash.work / "blocky", BLOCKING)
+    push(dash.server, folder, "blocky")
+    admin.goto("/dashboard/apps/blocky/insights")
+    blocking = admin.get_by_role("region", name="Blocking calls in async code")
+    finding = blocking.locator("li[data-finding]")
+    expect(finding).to_have_count(1)
+    expect(finding).to_have_attribute("data-finding", "main.py:10")
+    expect(finding).to_contain_text("time.sleep")
+    expect(finding).to_contain_text("(GET /report)")
+    expect(finding).to_contain_text("main.report → main.load_report → time.sleep")
+    expect(finding).to_contain_text("asyncio.sleep")  # the fix
+    expect(admin.get_by_role("region", name="API contract")).to_contain_text("Nothing to compare")
+    # The next revision drops a route: a breaking change against the one before.
+    write_app(folder, BLOCKING.split('@app.get("/fine")')[0])
+    push(dash.server, folder, "blocky")
+    admin.goto("/dashboard/apps/blocky/insights")
+    contract = admin.get_by_role("region", name="API contract")
+    expect(contract).to_contain_text("1 breaking, 0 compatible change(s)")
+    expect(contract.locator("li")).to_have_count(1)
+    expect(contract.locator("li .badge")).to_have_text("breaking")
+    expect(contract.locator("li")).to_contain_text("/fine")
+    shot(admin, "insights-blocky")
+    # demo's two revisions have the same API.
+    admin.goto("/dashboard/apps/demo/insights")
+    expect(admin.get_by_role("region", name="API contract")).to_contain_text("Unchanged")
+    expect(admin.get_by_role("region", name="Blocking calls in async code")).to_contain_text("None found")
 
 
 # -- settings ---------------------------------------------------------------------------------------------
@@ -702,6 +897,7 @@ def pages(dash: Dash) -> dict[str, str]:
         "trace": f"/dashboard/traces/{next(t for t in traces if t['span_count'] >= 2)['trace_id']}",
         "logs": "/dashboard/apps/demo/logs",
         "insights": "/dashboard/apps/demo/insights",
+        "alerts": "/dashboard/apps/demo/alerts",
         "settings": "/dashboard/apps/demo/settings",
         "account": "/dashboard/account",
         "admin-status": "/dashboard/admin",
@@ -790,6 +986,7 @@ def test_pages_are_light_and_rendered_on_the_server(browser: Browser, dash: Dash
     assert listed and listed <= kept
     assert "fastapi-deploy-router" in html["trace"], html["trace"][-3000:]
     assert "said " in html["logs"] or "GET /" in html["logs"]
+    assert "p99 ≤ 1000 ms" in html["alerts"] and 'class="budget' in html["alerts"]  # bar in the HTML
     # And with JavaScript off, signing in and reading the apps still works.
     context, page, _watch = new_page(browser, dash, java_script_enabled=False)
     sign_in(page)

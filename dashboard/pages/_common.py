@@ -1,13 +1,16 @@
-"""What several pages show about an app: its header (status, URL, team, tabs) and its instances."""
+"""What several pages show about an app: its header (status, URL, team, tabs, alerts firing) and its
+instances."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from control_plane.api.apps import render_app
-from control_plane.models import App, Deployment, Team
+from control_plane.models import Alert, App, Deployment, Team
+from control_plane.permissions import Action
 from control_plane.platform import Platform
 from dashboard import format as fmt
 from dashboard.web import Visitor
@@ -19,6 +22,7 @@ TABS = (
     ("traces", "Traces", "/traces"),
     ("logs", "Logs", "/logs"),
     ("insights", "Insights", "/insights"),
+    ("alerts", "Alerts", "/alerts"),
     ("settings", "Settings", "/settings"),
 )
 
@@ -50,6 +54,20 @@ def instance_rows(session: Session, app_out: dict[str, Any]) -> list[dict[str, A
     ]
 
 
+def firing_counts(session: Session, who: Visitor, apps: Iterable[App]) -> dict[str, int]:
+    """How many alerts fire per app, for the apps whose alerts the visitor may see (``app:monitor``,
+    as ``GET /apps/{id}/alerts``): one query for a whole apps table."""
+    ids = [a.id for a in apps if who.can(Action.APP_MONITOR, a.team_id)]
+    if not ids:
+        return {}
+    rows = session.exec(
+        select(Alert.app_id, func.count())
+        .where(col(Alert.app_id).in_(ids), Alert.status == "firing")
+        .group_by(col(Alert.app_id))
+    ).all()
+    return {app_id: int(n) for app_id, n in rows}
+
+
 def app_header(platform: Platform, session: Session, who: Visitor, app: App, tab: str) -> dict[str, Any]:
     """The context of ``app/_header.html``: the app as the API shows it, its team and current revision."""
     out = render_app(platform, session, app)
@@ -62,6 +80,7 @@ def app_header(platform: Platform, session: Session, who: Visitor, app: App, tab
         "current": current,
         "tab": tab,
         "tabs": TABS,
+        "firing": firing_counts(session, who, [app]).get(app.id, 0),
         "role": who.role(app.team_id),
         "section": "apps",
         "base": f"/dashboard/apps/{app.slug}",

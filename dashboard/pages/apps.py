@@ -21,7 +21,7 @@ from control_plane.platform import Platform
 from control_plane.security import get_team, team_ids
 from control_plane.serializers import deployment_out
 from dashboard import format as fmt
-from dashboard.pages._common import app_header, instance_rows
+from dashboard.pages._common import app_header, firing_counts, instance_rows
 from dashboard.web import (
     DashboardRoute,
     DashDep,
@@ -40,8 +40,11 @@ SPARK_RANGE = 3600
 SPARK_STEP = 60
 
 
-def app_row(platform: Platform, session: Session, app: App, team_slug: str) -> dict[str, Any]:
-    """One line of the apps table: the API's view of the app plus an hour of requests and errors."""
+def app_row(
+    platform: Platform, session: Session, app: App, team_slug: str, firing: int = 0
+) -> dict[str, Any]:
+    """One line of the apps table: the API's view of the app plus an hour of requests and errors, and
+    how many of its alerts fire."""
     out = render_app(platform, session, app)
     current = session.get(Deployment, app.current_deployment_id) if app.current_deployment_id else None
     overall = platform.rollups.series(app.id, SPARK_RANGE, SPARK_STEP, "")["overall"]
@@ -60,13 +63,15 @@ def app_row(platform: Platform, session: Session, app: App, team_slug: str) -> d
         "rpm_recent": sum(requests[-5:]) / 5,
         "error_rate": error_rate,
         "error_rate_hour": errors / total if total else None,
+        "firing": firing,
     }
 
 
-def _rows(platform: Platform, session: Session, ids: list[str]) -> list[dict[str, Any]]:
+def _rows(platform: Platform, session: Session, who: Visitor, ids: list[str]) -> list[dict[str, Any]]:
     slugs = dict(session.exec(select(Team.id, Team.slug)).all())
     apps = session.exec(select(App).where(col(App.team_id).in_(ids)).order_by(col(App.slug))).all()
-    return [app_row(platform, session, a, slugs.get(a.team_id, "")) for a in apps]
+    firing = firing_counts(session, who, apps)
+    return [app_row(platform, session, a, slugs.get(a.team_id, ""), firing.get(a.id, 0)) for a in apps]
 
 
 @router.get("/dashboard")
@@ -79,7 +84,7 @@ def bare() -> Response:
 def apps_list(request: Request, who: VisitorDep, dash: DashDep) -> Response:
     """Every app the visitor can see (``GET /apps/``), with status, URL, revision and an hour of traffic."""
     with dash.platform.db.session() as s:
-        rows = _rows(dash.platform, s, team_ids(s, who.user))
+        rows = _rows(dash.platform, s, who, team_ids(s, who.user))
     return render(request, "apps.html", section="apps", rows=rows, team=None)
 
 
@@ -101,7 +106,7 @@ def _team_page(
 ) -> Response:
     with platform.db.session() as s:
         team = _team(s, who, slug, Action.TEAM_READ)
-        rows = _rows(platform, s, [team.id])
+        rows = _rows(platform, s, who, [team.id])
         members = teams_api.list_members(team.id, s, who.principal).data
         quota = quotas.report(s, team, platform.settings)
     return render(
