@@ -256,6 +256,54 @@ async def test_quotas_are_enforced_with_title_message_hint(env: Env) -> None:
     assert (await env.post("/apps/", owner, json={"team_id": team, "name": "q3"})).status_code == 201
 
 
+@pytest.mark.anyio
+async def test_the_memory_quota_caps_instances_by_the_instance_size(env: Env) -> None:
+    team = await make_team(env, "lean")
+    _, owner = await make_user(env, "owner@lean.test", team, "owner")
+    # 1 GiB at the platform's 512 MiB per instance: two instances, though CPU alone would allow 20.
+    r = await env.put(f"/admin/teams/{team}/quota", json={"max_memory_mb": 1024, "max_cpu": 10.0})
+    assert r.status_code == 200 and r.json()["limits"]["max_memory_mb"] == 1024
+    assert r.json()["instance_cap"] == 2
+
+    first = (await env.post("/apps/", owner, json={"team_id": team, "name": "m1"})).json()
+    scaling = f"/apps/{first['id']}/scaling"
+    r = await env.patch(scaling, owner, json={"max_instances": 3})
+    body = r.json()
+    assert r.status_code == 403 and body["error"]["code"] == "quota_exceeded"
+    assert body["error"]["title"] == "Quota exceeded"
+    assert (
+        body["error"]["message"]
+        == body["detail"]
+        == "max_instances 3 is over team lean's cap of 2 instances."
+    )
+    assert (
+        body["error"]["hint"].startswith("Use --max 2 or less")
+        and "admin quotas set" in body["error"]["hint"]
+    )
+    assert (await env.patch(scaling, owner, json={"max_instances": 2, "min_instances": 2})).status_code == 200
+    quota = (await env.get(f"/teams/{team}/quota", owner)).json()
+    assert quota["usage"]["memory_mb"] == 1024 and quota["usage"]["instances_floor"] == 2
+
+    # The two instances are reserved: a new app (one more) does not fit in the memory.
+    r = await env.post("/apps/", owner, json={"team_id": team, "name": "m2"})
+    body = r.json()
+    assert r.status_code == 403 and body["error"]["title"] == "Quota exceeded"
+    assert body["detail"] == "A new app needs one instance and team lean already reserves 2 of its 2."
+    assert body["error"]["hint"].startswith("Lower another app's minimum")
+    r = await env.patch(scaling, owner, json={"prewarm": 1})  # a warm spare takes memory too
+    assert r.status_code == 403 and "reserve 3 instances (min + pre-warm) of its 2" in r.json()["detail"]
+
+    # Smaller instances: the same memory holds four of them.
+    assert (await env.patch("/admin/settings", json={"instance_memory_mb": 256})).status_code == 200
+    assert (await env.get(f"/teams/{team}/quota", owner)).json()["instance_cap"] == 4
+    assert (await env.post("/apps/", owner, json={"team_id": team, "name": "m2"})).status_code == 201
+    # Less memory than one instance: not even one.
+    await env.put(f"/admin/teams/{team}/quota", json={"max_memory_mb": 200})
+    assert (await env.get(f"/teams/{team}/quota", owner)).json()["instance_cap"] == 0
+    r = await env.post("/apps/", owner, json={"team_id": team, "name": "m3"})
+    assert r.status_code == 403 and "of its 0" in r.json()["detail"]
+
+
 # -- the audit log ----------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Server, wait_until
 
@@ -42,6 +44,18 @@ def deploy_slow_app(server: Server, tmp: Path, name: str) -> str:
 def scaling(server: Server, app: str) -> dict[str, Any]:
     result: dict[str, Any] = server.cli_json("scale", app)
     return result
+
+
+def scrape(server: Server, family: str, app: str) -> dict[str, float]:
+    """The samples of one family at ``GET /metrics`` for ``app``: ``{sample name[{le}]: value}``."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return {
+        sample.name + (f"{{le={sample.labels['le']}}}" if "le" in sample.labels else ""): sample.value
+        for f in text_string_to_metric_families(text)
+        if f.name == family
+        for sample in f.samples
+        if sample.labels.get("app") == app
+    }
 
 
 async def load(port: int, host: str, clients: int, seconds: float) -> dict[str, Any]:
@@ -132,6 +146,10 @@ def test_surge_uses_the_warm_pool_without_errors(server: Server, tmp_path: Path)
     current = scaling(server, "surgy")["current"]
     assert current["pool_hits"] >= 1, current
     assert current["serving"] >= 2, current
+    # Prometheus counts the same promotions (read after: a counter only grows), and no cold start.
+    hits = scrape(server, "fastapi_deploy_pool_hits", "surgy")
+    assert hits["fastapi_deploy_pool_hits_total"] >= current["pool_hits"], hits
+    assert scrape(server, "fastapi_deploy_cold_starts", "surgy") == {"fastapi_deploy_cold_starts_total": 0}
     events = server.cli_json("events", "surgy", "--limit", "200")
     assert any(e["message"].startswith("Promoted warm instance") for e in events)
     assert any(e["kind"] == "scale" and e["data"].get("panic") for e in events), "a 6x surge should panic"
@@ -163,6 +181,17 @@ def test_scale_to_zero_and_back(server: Server, tmp_path: Path) -> None:
     assert r.headers.get("x-cold-start") == "1"
     assert float(r.headers["x-queue-time"]) > 0
     assert scaling(server, "sleepy")["current"]["serving"] >= 1
+    # /metrics: one cold start, and the request's wait (X-Queue-Time, in ms) in the queue histogram.
+    cold = scrape(server, "fastapi_deploy_cold_starts", "sleepy")
+    assert cold == {"fastapi_deploy_cold_starts_total": 1}, cold
+    waits = scrape(server, "fastapi_deploy_queue_wait_seconds", "sleepy")
+    assert waits["fastapi_deploy_queue_wait_seconds_count"] == 1, waits
+    waited = float(r.headers["x-queue-time"]) / 1000
+    assert abs(waits["fastapi_deploy_queue_wait_seconds_sum"] - waited) < 0.002, (waits, waited)
+    assert waits["fastapi_deploy_queue_wait_seconds_bucket{le=+Inf}"] == 1
+    buckets = {float(k.split("{le=")[1][:-1]): n for k, n in waits.items() if "{le=" in k}
+    assert all(n == 0 for le, n in buckets.items() if le < waited - 0.001), (buckets, waited)
+    assert all(n == 1 for le, n in buckets.items() if le > waited + 0.001), (buckets, waited)
 
 
 def test_a_surge_past_the_concurrency_limit_queues_then_scales(server: Server, tmp_path: Path) -> None:
@@ -180,4 +209,7 @@ def test_a_surge_past_the_concurrency_limit_queues_then_scales(server: Server, t
     current = scaling(server, "capped")["current"]
     assert current["serving"] >= 2, current
     assert current["queued_total"] > 0 and current["cold_starts"] == 0
+    waits = scrape(server, "fastapi_deploy_queue_wait_seconds", "capped")
+    assert waits["fastapi_deploy_queue_wait_seconds_count"] >= stats["queued"], (waits, stats["queued"])
+    assert waits["fastapi_deploy_queue_wait_seconds_sum"] > 0
     assert {"forecast_concurrency", "predicted_instances"} <= set(current)  # predicted next to actual

@@ -87,10 +87,10 @@ def test_push_third_party_dependencies(server: Server, workdir: Path) -> None:
     assert "requirements.txt" in build_log(server, out["deployment_id"])
 
 
-def test_sse_streams_event_by_event(server: Server, workdir: Path) -> None:
-    push(server, copy_example("sse", workdir), "sse")
+def assert_sse_streams_event_by_event(server: Server, app: str) -> None:
+    """``examples/sse`` deployed as ``app``: four events through the router, each as it is sent."""
     url = f"{server.router_url}/events?count=4&delay=0.3"
-    headers = {"Host": f"sse.localhost:{server.router_port}"}
+    headers = {"Host": f"{app}.localhost:{server.router_port}"}
     arrivals: list[float] = []
     start = time.monotonic()
     with httpx.stream("GET", url, headers=headers, timeout=30) as r:
@@ -103,12 +103,12 @@ def test_sse_streams_event_by_event(server: Server, workdir: Path) -> None:
     assert arrivals[0] < arrivals[-1] - 0.5
 
 
-def test_websocket_through_router(server: Server, workdir: Path) -> None:
-    push(server, copy_example("websocket", workdir), "ws-echo")
+def assert_websocket_echoes(server: Server, app: str) -> None:
+    """``examples/websocket`` deployed as ``app``: a WebSocket through the router, both ways."""
 
     async def talk() -> list[str]:
         # The URI names the app (its Host header); the connection goes to the router on loopback.
-        uri = f"ws://ws-echo.localhost:{server.router_port}/ws"
+        uri = f"ws://{app}.localhost:{server.router_port}/ws"
         async with websockets.connect(uri, host="127.0.0.1", port=server.router_port) as ws:
             replies = []
             for word in ("one", "two"):
@@ -117,6 +117,16 @@ def test_websocket_through_router(server: Server, workdir: Path) -> None:
             return replies
 
     assert asyncio.run(talk()) == ["echo: one", "echo: two"]
+
+
+def test_sse_streams_event_by_event(server: Server, workdir: Path) -> None:
+    push(server, copy_example("sse", workdir), "sse")
+    assert_sse_streams_event_by_event(server, "sse")
+
+
+def test_websocket_through_router(server: Server, workdir: Path) -> None:
+    push(server, copy_example("websocket", workdir), "ws-echo")
+    assert_websocket_echoes(server, "ws-echo")
 
 
 # -- redeploy, rollback -----------------------------------------------------------------------------
@@ -256,6 +266,53 @@ def test_logs_and_status(server: Server, workdir: Path) -> None:
     status = server.cli_json("status", "logged")["app"]
     assert status["status"] == "serving"
     assert [i["state"] for i in status["instances"]] == ["serving"]
+
+
+JSON_LOGS = """
+import json, sys
+from fastapi import FastAPI
+
+app = FastAPI()
+
+
+@app.get("/")
+def root() -> dict[str, bool]:
+    return {"ok": True}
+
+
+@app.get("/log")
+def log() -> dict[str, bool]:
+    for key, level in (("level", "warning"), ("levelname", "ERROR"), ("severity", "CRITICAL")):
+        print(json.dumps({key: level, "message": f"json-{key}-marker"}), file=sys.stderr, flush=True)
+    print(json.dumps({"level": "debug", "message": "json-debug-marker ERROR in words only"}), flush=True)
+    return {"logged": True}
+"""
+
+
+def test_json_log_lines_are_shown_at_their_own_level(server: Server, workdir: Path) -> None:
+    project = workdir / "jsonlogs"
+    project.mkdir()
+    (project / "main.py").write_text(JSON_LOGS)
+    push(server, project, "jsonlogs")
+    assert server.get("jsonlogs", "/log").json() == {"logged": True}
+
+    def marked() -> dict[str, str]:
+        entries = server.cli_ndjson("logs", "jsonlogs", "--tail", "200", "--grep", "-marker")
+        return {json.loads(e["message"])["message"].split()[0]: e["level"] for e in entries}
+
+    levels = wait_until(lambda: len(found := marked()) == 4 and found, 15, what="the JSON log lines")
+    assert levels == {
+        "json-level-marker": "warning",
+        "json-levelname-marker": "error",
+        "json-severity-marker": "critical",
+        "json-debug-marker": "debug",
+    }
+    # The minimum level filters on the level read from the record (one request: each line once).
+    errors = server.cli_ndjson("logs", "jsonlogs", "--tail", "200", "--grep", "-marker", "--level", "error")
+    assert sorted(json.loads(e["message"])["message"] for e in errors) == [
+        "json-levelname-marker",
+        "json-severity-marker",
+    ]
 
 
 def test_crashed_instance_is_replaced_and_its_last_words_kept(server: Server, workdir: Path) -> None:

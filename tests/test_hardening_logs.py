@@ -6,7 +6,8 @@ client waits reaching it at once, and ``complete`` / ``failed`` at the end. The 
 shortened for the test (module constants), so it takes a fraction of a second.
 
 App logs (``control_plane/logstore.py``): kept per app up to ``log_retention_bytes``; the oldest
-segments go first, the newest lines stay readable through ``/logs/stream``.
+segments go first, the newest lines stay readable through ``/logs/stream``. Whole segments older than
+``log_retention_days`` go too, whatever the size allows (also when the platform starts).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,6 +26,7 @@ import pytest
 
 from control_plane import buildlogs
 from control_plane.config import Settings
+from control_plane.logstore import format_ts
 from control_plane.models import Deployment
 from runtime.backends.base import LogRecord
 from tests.test_api import ADMIN, Env, running
@@ -208,3 +212,110 @@ async def test_a_waiting_stream_holds_no_database_connection(env: Env) -> None:
         logs.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await logs
+
+
+# -- age retention ---------------------------------------------------------------------------------------
+
+DAY = 86400.0
+
+
+def age(path: Path, days: float) -> None:
+    """Make ``path`` look last written ``days`` ago (its newest line: expiry reads the mtime)."""
+    then = time.time() - days * DAY
+    os.utime(path, (then, then))
+
+
+def test_the_retention_in_days_is_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FASTAPI_DEPLOY_LOG_RETENTION_DAYS", "0.5")
+    assert Settings.from_env(data_dir=tmp_path).log_retention_days == 0.5
+    monkeypatch.delenv("FASTAPI_DEPLOY_LOG_RETENTION_DAYS")
+    assert Settings.from_env(data_dir=tmp_path).log_retention_days == 14.0
+
+
+@pytest.fixture
+async def week_of_logs(tmp_path: Path) -> AsyncIterator[Env]:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        router_port=0,
+        admin_token=ADMIN,
+        log_retention_bytes=64 * 1024 * 1024,  # far away: only age decides here
+        log_retention_days=7,
+    )
+    async with running(settings) as env:
+        yield env
+
+
+@pytest.mark.anyio
+async def test_segments_older_than_the_retention_go_and_recent_lines_stay(week_of_logs: Env) -> None:
+    env = week_of_logs
+    store = env.platform.logstore
+    assert store.retention_seconds == 7 * DAY  # the setting reaches the store
+    app = await env.create_app("aging")
+    quiet = await env.create_app("quiet-since-last-month")
+    start = datetime.now(UTC) - timedelta(days=10)
+
+    def line(app_id: str, n: int, when: datetime) -> LogRecord:
+        message = f"line {n:06d} " + "x" * 200
+        return LogRecord(app_id, "d", "i", "stdout", when, message, "info")
+
+    # Three closed segments of old lines (64 KiB each), then the current file with recent ones.
+    directory = env.platform.paths.logs / app["id"]
+    n = 0
+    while len(list(directory.glob("[0-9]*.ndjson"))) < 3:
+        store.append(line(app["id"], n, start + timedelta(seconds=n)))
+        n += 1
+    old_segments = sorted(directory.glob("[0-9]*.ndjson"))
+    for i, segment in enumerate(old_segments):
+        age(segment, 10 - i)  # 10, 9 and 8 days ago: each past the 7 days
+    first_recent = n
+    for _ in range(50):
+        store.append(line(app["id"], n, datetime.now(UTC) - timedelta(minutes=5)))
+        n += 1
+    # Another app wrote nothing for a month: its current file is old as a whole.
+    store.append(line(quiet["id"], 0, start))
+    age(env.platform.paths.logs / quiet["id"] / "current.ndjson", 30)
+    # A segment of six days is within the retention and stays.
+    recent_segment = directory / f"{time.time_ns():020d}.ndjson"
+    six_days_ago = datetime.now(UTC) - timedelta(days=6)
+    recent_segment.write_text(
+        json.dumps({"timestamp": format_ts(six_days_ago), "message": "six days"}) + "\n"
+    )
+    age(recent_segment, 6)
+
+    assert store.expire() == len(old_segments) + 1
+
+    assert not any(p.exists() for p in old_segments)
+    assert recent_segment.exists() and (directory / "current.ndjson").exists()
+    r = await env.get(f"/apps/{app['id']}/logs/stream", params={"tail": 10_000, "since": "30d"})
+    messages = [json.loads(e)["message"] for e in r.text.splitlines()]
+    assert messages[0] == "six days"
+    kept = [int(m.split()[1]) for m in messages[1:]]
+    assert kept == list(range(first_recent, n))  # every recent line, nothing older
+    assert store.expire() == 0  # nothing left to expire
+
+    # The quiet app's expired current file was closed: its next line starts a new one and is readable.
+    store.append(line(quiet["id"], 1, datetime.now(UTC)))
+    r = await env.get(f"/apps/{quiet['id']}/logs/stream", params={"since": "30d"})
+    assert [json.loads(e)["message"].split()[1] for e in r.text.splitlines()] == ["000001"]
+
+
+@pytest.mark.anyio
+async def test_the_platform_expires_old_segments_when_it_starts(tmp_path: Path) -> None:
+    """Segments a previous run left behind go at the first maintenance pass, which runs at start."""
+    logs = tmp_path / "data" / "logs" / "some-app"
+    logs.mkdir(parents=True)
+    old, recent = logs / "00000000000000000001.ndjson", logs / "current.ndjson"
+    for path in (old, recent):
+        path.write_text(json.dumps({"message": path.name}) + "\n")
+    age(old, 3)
+    age(recent, 1)
+    settings = Settings(data_dir=tmp_path / "data", router_port=0, admin_token=ADMIN, log_retention_days=2)
+    async with running(settings):
+        deadline = time.monotonic() + 10
+        # The maintenance task signals nothing when a pass is done: poll with a deadline.
+        while old.exists() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        assert not old.exists()
+        assert recent.exists()

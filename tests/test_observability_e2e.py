@@ -334,3 +334,56 @@ def test_tracing_can_be_turned_off(tmp_path: Path) -> None:
         assert not any(v.startswith(b"FASTAPI_DEPLOY_OTLP_ENDPOINT=") for v in environ)
     finally:
         srv.stop()
+
+
+# -- latency per route -----------------------------------------------------------------------------------
+
+
+def test_route_percentiles_are_ordered_and_a_slow_route_is_slower(traced: Server, tmp_path: Path) -> None:
+    project = tmp_path / "paced"
+    project.mkdir()
+    (project / "main.py").write_text(textwrap.dedent(SLOW_APP))  # /fast answers at once, /slow in 0.4 s
+    push(traced, project, "paced")
+    for _ in range(20):
+        assert traced.get("paced", "/fast").status_code == 200
+    for _ in range(5):
+        assert traced.get("paced", "/slow").status_code == 200
+    paced = app_id(traced, "paced")
+
+    def counted() -> dict[str, dict[str, Any]] | None:
+        with traced.api() as api:
+            m = api.get(f"/apps/{paced}/metrics", params={"range": "5m"}).json()
+        routes = {r["route"]: r for r in m["routes"]}
+        done = routes.get("GET /fast", {}).get("requests", 0) >= 20
+        return routes if done and routes.get("GET /slow", {}).get("requests", 0) >= 5 else None
+
+    routes = wait_until(counted, 30, interval=0.5, what="both routes' requests in the series")
+    p95: dict[str, list[float]] = {}
+    for name in ("GET /fast", "GET /slow"):
+        series = routes[name]["series"]
+        points = [
+            (n, p50, p95_, p99)
+            for n, p50, p95_, p99 in zip(
+                series["requests"], series["p50_ms"], series["p95_ms"], series["p99_ms"], strict=True
+            )
+        ]
+        for n, p50, p95_, p99 in points:
+            if n == 0:
+                assert (p50, p95_, p99) == (None, None, None), (name, points)
+            else:
+                assert p50 is not None and p95_ is not None and p99 is not None, (name, points)
+                assert 0 < p50 <= p95_ <= p99, (name, points)
+        p95[name] = [v for n, _, v, _ in points if n]
+    assert min(p95["GET /slow"]) >= 400  # the route sleeps 0.4 s
+    assert max(p95["GET /fast"]) < min(p95["GET /slow"])
+    # The exposition's histogram per route says the same: no slow request under 0.25 s.
+    text = httpx.get(f"{traced.url}/metrics", timeout=10).text
+    buckets = {
+        (s.labels["route"], s.labels["le"]): s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "fastapi_deploy_request_duration_seconds"
+        for s in f.samples
+        if s.labels.get("app") == "paced" and s.name.endswith("_bucket")
+    }
+    assert buckets[("GET /slow", "0.25")] == 0 and buckets[("GET /slow", "+Inf")] == 5
+    assert buckets[("GET /fast", "+Inf")] == 20
