@@ -108,7 +108,7 @@ def events(
     ctx: typer.Context,
     app_ref: AppArgument,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 50,
-    kind: Annotated[str | None, typer.Option("--kind", help="instance, scale or deploy")] = None,
+    kind: Annotated[str | None, typer.Option("--kind", help="instance, scale, deploy or health")] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Instance state changes and scale decisions, newest first, with their reasons."""

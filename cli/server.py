@@ -66,5 +66,72 @@ def server(
     run(settings, log_level=log_level)
 
 
+def router(
+    control_plane: Annotated[
+        str | None,
+        typer.Option(help="The control plane's URL [env: FASTAPI_DEPLOY_CONTROL_PLANE_URL]"),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Interface [env: FASTAPI_DEPLOY_ROUTER_HOST; default 0.0.0.0]")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Apps' port [env: FASTAPI_DEPLOY_ROUTER_PORT; default 8080]")
+    ] = None,
+    health_port: Annotated[
+        int | None,
+        typer.Option(help="Health: /healthz /readyz /routes [env: FASTAPI_DEPLOY_ROUTER_HEALTH_PORT; 8081]"),
+    ] = None,
+    endpoint_slices: Annotated[
+        bool | None,
+        typer.Option(
+            "--endpoint-slices/--no-endpoint-slices",
+            help="Follow the pods' EndpointSlices (Kubernetes) [env: FASTAPI_DEPLOY_ROUTER_ENDPOINTSLICES]",
+        ),
+    ] = None,
+    namespace: Annotated[
+        str | None,
+        typer.Option(help="Whose EndpointSlices; empty: all [env: FASTAPI_DEPLOY_KUBERNETES_NAMESPACE]"),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Run an edge router on its own, fed by the control plane (several of them on Kubernetes).
+
+    The token is FASTAPI_DEPLOY_ROUTER_TOKEN, the same as the control plane's."""
+    import asyncio
+    import logging
+    import signal
+
+    from runtime.edge import Edge, config_from_env
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    try:
+        config = config_from_env(
+            control_plane=control_plane,
+            host=host,
+            port=port,
+            health_port=health_port,
+            endpoint_slices=endpoint_slices,
+            namespace=namespace,
+        )
+    except ValueError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Edge(config).run(stop)
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+
+
 def register(app: typer.Typer) -> None:
     app.command("server")(server)
+    app.command("router")(router)

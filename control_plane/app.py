@@ -21,6 +21,7 @@ from control_plane.api import (
     env,
     insights,
     logs,
+    routers,
     scaling,
     teams,
     telemetry,
@@ -86,6 +87,7 @@ def create_app(
             module.router, prefix="/api/v1", responses=error_responses(400, 401, 403, 404, 409, 413, 429)
         )
     app.include_router(telemetry.receiver)
+    app.include_router(routers.router)  # remote routers' WebSocket (control_plane/routers.py)
     app.include_router(auth.pages)
     mount_dashboard(app)  # the web pages and their assets (dashboard/routes.py)
 

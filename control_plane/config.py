@@ -67,6 +67,9 @@ class Settings:
     """Seconds a new revision has to finish its lifespan startup and answer its health path."""
     drain_timeout: float = 30.0
     """Seconds an old revision may keep finishing in-flight requests after the switch."""
+    crash_window: float = 60.0
+    """A second crash within this many seconds is a crash loop (start hold-off, alert, the deployment
+    ``degraded``); the deployment is healthy again after serving this long without a crash."""
     max_archive_bytes: int = 100 * 1024 * 1024
     """Largest upload accepted (compressed); larger gets 413 / ``extracting_failed_archive_too_large``."""
     keep_deployments: int = 10
@@ -108,6 +111,8 @@ class Settings:
     """Seconds the 1-minute metric rollups are kept."""
     metrics_token: str = field(default="", repr=False)
     """If set, ``/metrics`` needs ``Authorization: Bearer <it>``; else it is open, like most exporters."""
+    router_token: str = field(default="", repr=False)
+    """The secret remote routers (``fastapi-deploy router``) connect with; empty: none may connect."""
     log_retention_days: float = 14.0
     """Log lines older than this are dropped (in whole segments), whatever the size retention allows."""
     isolation: str = "auto"
@@ -221,6 +226,7 @@ class Settings:
             "otlp_forward_url": _env("FASTAPI_DEPLOY_OTLP_FORWARD_URL", ""),
             "otlp_forward_headers": _env("FASTAPI_DEPLOY_OTLP_FORWARD_HEADERS", ""),
             "metrics_token": _env("FASTAPI_DEPLOY_METRICS_TOKEN", ""),
+            "router_token": _env("FASTAPI_DEPLOY_ROUTER_TOKEN", ""),
             "tracing": _flag("FASTAPI_DEPLOY_TRACING", True),
             "instance_otlp_url": _env("FASTAPI_DEPLOY_INSTANCE_OTLP_URL", ""),
             "isolation": _env("FASTAPI_DEPLOY_ISOLATION", "auto"),
@@ -246,6 +252,7 @@ class Settings:
             "build_memory_mb": ("FASTAPI_DEPLOY_BUILD_MEMORY_MB", int),
             "verify_timeout": ("FASTAPI_DEPLOY_VERIFY_TIMEOUT", float),
             "drain_timeout": ("FASTAPI_DEPLOY_DRAIN_TIMEOUT", float),
+            "crash_window": ("FASTAPI_DEPLOY_CRASH_WINDOW", float),
             "max_archive_bytes": ("FASTAPI_DEPLOY_MAX_ARCHIVE_BYTES", int),
             "keep_deployments": ("FASTAPI_DEPLOY_KEEP_DEPLOYMENTS", int),
             "log_retention_bytes": ("FASTAPI_DEPLOY_LOG_RETENTION_BYTES", int),

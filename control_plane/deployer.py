@@ -31,7 +31,7 @@ from control_plane.fleet import Fleet, Revision
 from control_plane.instrumentation import Instrumentation
 from control_plane.models import App, Deployment, EnvVar, utcnow
 from control_plane.secrets import SecretBox
-from control_plane.statuses import TERMINAL
+from control_plane.statuses import DEGRADED, TERMINAL, WENT_LIVE
 from control_plane.statuses import DeploymentStatus as S
 from runtime.archive import ExtractLimits, extract_archive
 from runtime.autoscaler import ScalingSettings
@@ -198,6 +198,72 @@ class Deployer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    # -- health of the live revision ---------------------------------------------------------------
+
+    def on_health(self, app_id: str, deployment_id: str, status: str | None, reason: str) -> None:
+        """Fleet callback (on the event loop): the app's live deployment is ``degraded`` /
+        ``degraded_oom`` (``status``), or healthy again (``None``: back to ``success``)."""
+        task = asyncio.get_running_loop().create_task(
+            self._record_health(app_id, deployment_id, status, reason), name=f"health-{deployment_id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _record_health(self, app_id: str, deployment_id: str, status: str | None, reason: str) -> None:
+        changed = await asyncio.to_thread(self._write_health, app_id, deployment_id, status, reason)
+        if not changed:
+            return
+        message = (
+            f"Deployment {deployment_id[:8]} is {status}: {reason}"
+            if status
+            else f"Deployment {deployment_id[:8]} is healthy again ({reason})"
+        )
+        self.buildlogs.append(deployment_id, message)
+        self.buildlogs.notify(deployment_id)
+        if self.app_log is not None:
+            self.app_log(
+                LogRecord(
+                    app_id=app_id,
+                    deployment_id=deployment_id,
+                    instance_id="",
+                    stream="platform",
+                    timestamp=datetime.now(UTC),
+                    message=message,
+                    level="error" if status else "info",
+                )
+            )
+
+    def _write_health(self, app_id: str, deployment_id: str, status: str | None, reason: str) -> bool:
+        with self.db.session() as s:
+            app = s.get(App, app_id)
+            dep = s.get(Deployment, deployment_id)
+            if app is None or dep is None or app.current_deployment_id != dep.id:
+                return False  # no longer the live one: its history stays as it was
+            if status is None:
+                if dep.status not in DEGRADED:
+                    return False
+                dep.status = S.SUCCESS
+                dep.error_code = dep.error_title = dep.error_message = dep.error_hint = None
+            else:
+                if dep.status not in WENT_LIVE or dep.status == status:
+                    return False
+                oom = status == S.DEGRADED_OOM
+                dep.status = status
+                dep.error_code = status
+                dep.error_title = "Degraded (out of memory)" if oom else "Degraded"
+                dep.error_message = f"The live deployment is {reason}."
+                dep.error_hint = (
+                    "The app is killed at its memory limit: make it need less memory, or ask the platform "
+                    "operator for larger instances (instance_memory_mb)."
+                    if oom
+                    else "`fastapi-deploy logs APP` shows why its instances stop; roll back with "
+                    "`fastapi-deploy rollback APP` or push a fix."
+                )
+            dep.updated_at = utcnow()
+            s.add(dep)
+            s.commit()
+            return True
+
     # -- the pipeline ---------------------------------------------------------------------------
 
     async def _run(self, deployment_id: str) -> None:
@@ -231,6 +297,10 @@ class Deployer:
                 )
                 await self._set(dep.id, S.SUCCESS, finished=True)
                 self._outcome(dep.app_id, S.SUCCESS.value, started)
+                live = self.fleet.serving.get(dep.app_id)
+                if live is not None and live.deployment_id == dep.id and live.health is not None:
+                    # It started crash-looping between the switch and this line.
+                    self.on_health(dep.app_id, dep.id, live.health, live.crash_reason or "degraded")
                 async with self._build_slots:
                     await asyncio.to_thread(self._retain, app.id)
             except RuntimeFailure as exc:
@@ -753,7 +823,7 @@ class Deployer:
             for dep in uploads:
                 if dep.id in protected or dep.status not in TERMINAL:
                     continue
-                if dep.status == S.SUCCESS and kept < self.settings.keep_deployments:
+                if dep.status in WENT_LIVE and kept < self.settings.keep_deployments:
                     kept += 1
                     continue
                 self._remove_image(dep.id)
@@ -812,8 +882,9 @@ def _read_image(path: Path) -> BuiltImage | None:
 
 
 def _status_for(code: str) -> str:
-    """The deployment status of a failure ``code``: itself when it is one, else the status it refines
-    (``verifying_failed_oom`` → ``verifying_failed``), else ``failed``."""
+    """The deployment status of a failure ``code``: itself when it is one (``verification_failed_oom``),
+    else the status it refines (``verifying_failed_breaking_changes`` → ``verifying_failed``), else
+    ``failed``."""
     if code in S._value2member_map_:
         return code
     for status in (S.VERIFYING_FAILED, S.BUILDING_IMAGE_FAILED, S.DEPLOYING_FAILED, S.EXTRACTING_FAILED):

@@ -10,6 +10,11 @@ many instances should serve and how many should wait warm, and applies the plan:
 of stopping them, start or stop instances only for what remains. A request that finds no instance wakes
 the loop at once (scale from zero). An instance that crashes is taken out of rotation immediately and
 replaced by the next tick, with an exponential hold-off when the app crash-loops.
+
+Health: a revision that crash-loops (a second crash or failed start within ``crash_window``, 60 s), or
+whose rollout the backend reports stuck (kubernetes: ``ProgressDeadlineExceeded``), is reported
+``degraded`` (``degraded_oom`` when the crash was an OOM kill) through ``on_health``, and healthy again
+once it served for ``crash_window`` without a crash and its rollout progresses.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from control_plane.events import EventLog
 from control_plane.forecast import Forecaster
 from control_plane.metrics import Metrics
 from control_plane.models import utcnow
+from control_plane.routers import RouterHub
 from runtime.autoscaler import Decision, PolicyState, Sample, ScalingSettings, decide, plan
 from runtime.backends.base import Backend, Instance, InstanceSpec, InstanceState
 from runtime.router import Router, Upstream
@@ -34,8 +40,9 @@ from runtime.router import Router, Upstream
 log = logging.getLogger("fastapi_deploy.fleet")
 
 TICK_SECONDS = 0.25
-_CRASH_WINDOW = 60.0
 _MAX_BACKOFF = 60.0
+ROLLOUT_CHECK_SECONDS = 10.0
+"""How often the backend's own view of a revision's rollout is read (backends with ``rollout()``)."""
 
 
 @dataclass(eq=False)
@@ -59,6 +66,15 @@ class Revision:
     stopped: int = 0
     external: bool = False
     """Its replicas are the backend autoscaler's (an HPA), not the fleet's."""
+    crashed_at: float | None = None
+    """When an instance of it last crashed or failed to start."""
+    crash_status: str | None = None
+    """``degraded`` / ``degraded_oom`` while it crash-loops, with :attr:`crash_reason`."""
+    crash_reason: str = ""
+    rollout_problem: str | None = None
+    """The backend says its rollout is stuck (the condition's message)."""
+    health: str | None = None
+    """The status last reported through ``Fleet.on_health`` (None: healthy)."""
 
     @property
     def instances(self) -> list[Instance]:
@@ -67,11 +83,12 @@ class Revision:
 
 @dataclass
 class _CrashHistory:
+    window: float
     times: list[float] = field(default_factory=list)
 
     def record(self, now: float) -> float:
         """Register a crash; the delay before the next start (0 for a first crash)."""
-        self.times = [t for t in self.times if now - t < _CRASH_WINDOW] + [now]
+        self.times = [t for t in self.times if now - t < self.window] + [now]
         n = len(self.times) - 1
         return 0.0 if n == 0 else min(_MAX_BACKOFF, 0.5 * 2**n)
 
@@ -80,7 +97,7 @@ class Fleet:
     def __init__(
         self,
         backend: Backend,
-        router: Router,
+        router: Router | RouterHub,
         *,
         verify_timeout: float,
         drain_timeout: float,
@@ -88,6 +105,7 @@ class Fleet:
         forecaster: Forecaster,
         metrics: Metrics | None = None,
         external_scaling: bool = False,
+        crash_window: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backend = backend
@@ -100,6 +118,7 @@ class Fleet:
         self.external_scaling = external_scaling
         """Replicas belong to the backend's own autoscaler (kubernetes ``hpa`` scaling): after the switch
         the fleet hands each revision over (``backend.autoscale``, ``publish``) and never scales it."""
+        self.crash_window = crash_window
         self.clock = clock
         self.serving: dict[str, Revision] = {}
         self._crashes: dict[str, _CrashHistory] = {}
@@ -109,6 +128,10 @@ class Fleet:
         self.router.on_queue = self._on_queue
         self.on_alert: Callable[..., None] | None = None
         """``on_alert(app_id, kind, message, **data)``: crash loops and OOM kills (control_plane/alerting)."""
+        self.on_health: Callable[[str, str, str | None, str], None] | None = None
+        """``on_health(app_id, deployment_id, status, reason)``: a serving revision became ``degraded`` /
+        ``degraded_oom``, or healthy again (``None``); the deployer records it on the deployment."""
+        self._rollouts_checked = 0.0
 
     # -- deploys ---------------------------------------------------------------------------------
 
@@ -230,6 +253,18 @@ class Fleet:
             revision.forecast = self.forecaster.forecast(revision.app_id, wall)
             if not revision.external:
                 self._scale(revision, now)
+            if (
+                revision.crash_status is not None
+                and revision.serving
+                and now - (revision.crashed_at or now) >= self.crash_window
+            ):
+                revision.crash_status, revision.crash_reason = None, ""
+                self._report_health(revision)
+        rollout = getattr(self.backend, "rollout", None)
+        if rollout is not None and self.serving and now - self._rollouts_checked >= ROLLOUT_CHECK_SECONDS:
+            self._rollouts_checked = now
+            for revision in list(self.serving.values()):
+                self._spawn(self._check_rollout(revision, rollout), f"rollout-{revision.deployment_id}")
 
     def _sample(self, revision: Revision, sample: Sample) -> None:
         revision.samples.append(sample)
@@ -311,11 +346,13 @@ class Fleet:
         try:
             instance = await self.backend.start(revision.spec, timeout=self.verify_timeout)
         except Exception as exc:
-            delay = self._crashes.setdefault(revision.app_id, _CrashHistory()).record(self.clock())
+            delay = self._record_crash(revision.app_id)
             revision.hold_starts_until = self.clock() + max(1.0, delay)
             self.events.emit(
                 revision.app_id, "instance", f"Starting an instance failed: {exc}", level="error"
             )
+            oom = getattr(exc, "code", "") == "verification_failed_oom"
+            self._crashed(revision, delay, oom=oom, what=f"a new instance did not start ({exc})")
             return
         finally:
             if serve:
@@ -368,7 +405,14 @@ class Fleet:
             revision.warm.remove(instance)
         else:
             return
-        delay = self._crashes.setdefault(revision.app_id, _CrashHistory()).record(self.clock())
+        delay = self._record_crash(revision.app_id)
+        self._crashed(
+            revision,
+            delay,
+            oom=instance.oom,
+            what=f"instance {instance.id} exited with code {instance.exit_code}"
+            + (" (out of memory)" if instance.oom else ""),
+        )
         if instance.oom and self.on_alert is not None:
             limit = instance.spec.memory_mb
             self.on_alert(
@@ -387,12 +431,70 @@ class Fleet:
                     revision.app_id,
                     "crash_loop",
                     f"The app is crash-looping: instance {instance.id} exited with code {instance.exit_code} "
-                    f"({len(self._crashes[revision.app_id].times)} crashes in {_CRASH_WINDOW:.0f} s); "
+                    f"({len(self._crashes[revision.app_id].times)} crashes in {self.crash_window:.0f} s); "
                     f"next start in {delay:.1f} s",
                     instance=instance.id,
                     exit_code=instance.exit_code,
                 )
         self._wake.set()
+
+    # -- health ----------------------------------------------------------------------------------
+
+    def _record_crash(self, app_id: str) -> float:
+        """Count a crash or failed start; the hold-off before the next start (0 after a first one)."""
+        return self._crashes.setdefault(app_id, _CrashHistory(self.crash_window)).record(self.clock())
+
+    def _crashed(self, revision: Revision, delay: float, *, oom: bool, what: str) -> None:
+        revision.crashed_at = self.clock()
+        if not delay:  # a first crash: replaced, nothing more
+            return
+        crashes = len(self._crashes[revision.app_id].times)
+        if revision.crash_status != "degraded_oom":  # an OOM kill in the loop marks it until it recovers
+            revision.crash_status = "degraded_oom" if oom else "degraded"
+        revision.crash_reason = f"crash-looping, {crashes} crashes in {self.crash_window:.0f} s: last, {what}"
+        self._report_health(revision)
+
+    async def _check_rollout(self, revision: Revision, rollout: Callable[[str], Any]) -> None:
+        try:
+            state = await rollout(revision.deployment_id)
+        except Exception as exc:
+            log.debug("rollout of %s not read: %s", revision.deployment_id, exc)
+            return
+        if not state.get("exists") or self.serving.get(revision.app_id) is not revision:
+            return
+        progressing = state.get("progressing") or {}
+        if progressing.get("reason") == "ProgressDeadlineExceeded":
+            revision.rollout_problem = str(
+                progressing.get("message") or "the rollout did not progress within its deadline"
+            )
+        else:
+            revision.rollout_problem = None
+        self._report_health(revision)
+
+    def _report_health(self, revision: Revision) -> None:
+        if revision.crash_status is not None:
+            status, reason = revision.crash_status, revision.crash_reason
+        elif revision.rollout_problem is not None:
+            status, reason = "degraded", f"the rollout is stuck: {revision.rollout_problem}"
+        else:
+            status, reason = None, f"serving without a crash for {self.crash_window:.0f} s, rollout on track"
+        if status == revision.health:
+            return
+        revision.health = status
+        short = revision.deployment_id[:8]
+        self.events.emit(
+            revision.app_id,
+            "health",
+            f"Revision {short} is {status}: {reason}" if status else f"Revision {short} is healthy again",
+            deployment_id=revision.deployment_id,
+            status=status or "success",
+            level="error" if status else "info",
+        )
+        if self.on_health is not None:
+            try:
+                self.on_health(revision.app_id, revision.deployment_id, status, reason)
+            except Exception:  # the callback's bug must not break the fleet
+                log.exception("on_health callback failed")
 
     async def close(self) -> None:
         self._closing = True

@@ -39,6 +39,7 @@ from control_plane.models import ApiToken, Membership, Setting, Team, User
 from control_plane.otlp import Forwarder, SpanData
 from control_plane.receiver import SideListener
 from control_plane.rollups import Rollups
+from control_plane.routers import RouterHub
 from control_plane.secrets import SecretBox
 from control_plane.security import hash_token, new_token
 from control_plane.traces import Traces
@@ -69,7 +70,8 @@ class Platform:
             self.paths.logs, settings.log_retention_bytes, settings.log_retention_days * 86400.0
         )
         self.buildlogs = BuildLogs(self.db)
-        self.router = Router()
+        self.router = RouterHub(Router())
+        """The embedded router and the remote ones (``fastapi-deploy router``), as one."""
         self.backend: Backend = self._make_backend()
         self.events = EventLog(self.db)
         self.forecaster = Forecaster(self.db)
@@ -108,6 +110,7 @@ class Platform:
             forecaster=self.forecaster,
             metrics=self.metrics,
             external_scaling=settings.backend == "kubernetes" and settings.kubernetes_scaling == "hpa",
+            crash_window=settings.crash_window,
         )
         self.backend.on_exit = self.fleet.on_exit
         self.fleet.on_alert = self.alerts.raise_alert
@@ -125,8 +128,11 @@ class Platform:
             app_log=self.logstore.append,
             on_alert=self.alerts.raise_alert,
         )
+        self.fleet.on_health = self.deployer.on_health
         self.bootstrap: Bootstrap | None = None
         self.ready = asyncio.Event()
+        self.leading = asyncio.Event()
+        """Set once this control plane runs the apps and restored them (remote routers' snapshots)."""
         self._autoscaler: asyncio.Task[None] | None = None
         self._maintenance: asyncio.Task[None] | None = None
         self._reconciler: asyncio.Task[None] | None = None
@@ -246,6 +252,7 @@ class Platform:
         self._autoscaler = loop.create_task(self.fleet.run(), name="autoscaler")
         self._reconciler = loop.create_task(self.deployer.reconcile(), name="reconciler")
         self.alerts.start()
+        self.leading.set()
         headroom = self.settings.kubernetes_headroom
         set_headroom = getattr(self.backend, "set_headroom", None)
         if headroom and set_headroom is not None:
@@ -283,6 +290,7 @@ class Platform:
         """Another control plane leads now: leave the apps as they are (it adopts them) and stop, as
         controllers do; the orchestrator restarts this one as a follower."""
         self.deployer.leading = False
+        self.leading.clear()
         if self._stopping:
             return  # a graceful stop hands the lease over; stop() does the rest
         log.warning("lost the leadership: leaving the apps to the new leader and stopping")

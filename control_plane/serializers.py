@@ -163,11 +163,15 @@ def deployment_out(dep: Deployment, app: App, settings: Settings) -> dict[str, A
     }
 
 
-def app_status(app: App, latest: Deployment | None, instances: list[Instance]) -> str:
-    from control_plane.statuses import FAILED, IN_PROGRESS
+def app_status(
+    app: App, latest: Deployment | None, instances: list[Instance], current: Deployment | None = None
+) -> str:
+    from control_plane.statuses import DEGRADED, FAILED, IN_PROGRESS
 
     if latest is not None and latest.status in IN_PROGRESS:
         return "deploying"
+    if current is not None and current.status in DEGRADED:
+        return "degraded"  # serving, but crash-looping or with a stuck rollout
     if app.current_deployment_id and any(i.state.value == "serving" for i in instances):
         return "serving"
     if app.current_deployment_id:
@@ -183,6 +187,7 @@ def app_out(
     *,
     instances: list[Instance] | None = None,
     latest: Deployment | None = None,
+    current: Deployment | None = None,
     in_flight: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     instances = instances or []
@@ -198,7 +203,7 @@ def app_out(
         "created_at": ts(app.created_at),
         "updated_at": ts(app.updated_at),
         "github_repository": None,
-        "status": app_status(app, latest, instances),
+        "status": app_status(app, latest, instances, current),
         "current_deployment_id": app.current_deployment_id,
         "latest_deployment": (
             {"id": latest.id, "status": latest.status, "created_at": ts(latest.created_at)}

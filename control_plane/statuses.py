@@ -22,7 +22,9 @@ class DeploymentStatus(enum.StrEnum):
     VERIFYING = "verifying"
     VERIFYING_FAILED = "verifying_failed"
     VERIFYING_SKIPPED = "verifying_skipped"
+    VERIFICATION_FAILED_OOM = "verification_failed_oom"
     DEGRADED = "degraded"
+    DEGRADED_OOM = "degraded_oom"
     EXPIRED = "expired"
     FAILED = "failed"
     SUCCESS = "success"
@@ -39,12 +41,19 @@ FAILED = frozenset(
         S.BUILD_SKIPPED_SUPERSEDED,
         S.DEPLOYING_FAILED,
         S.VERIFYING_FAILED,
+        S.VERIFICATION_FAILED_OOM,
         S.DEGRADED,
+        S.DEGRADED_OOM,
         S.EXPIRED,
         S.FAILED,
     }
 )
 TERMINAL = SUCCESSFUL | FAILED
+DEGRADED = frozenset({S.DEGRADED, S.DEGRADED_OOM})
+"""A live deployment that stopped being healthy (a crash loop, a stuck rollout); back to ``success`` when it
+recovers (control_plane/fleet.py, ``Platform._on_health``)."""
+WENT_LIVE = SUCCESSFUL | DEGRADED
+"""Deployments that served: their builds are kept for rollback and can serve again."""
 IN_PROGRESS = frozenset(
     {S.READY_FOR_BUILD, S.BUILDING, S.EXTRACTING, S.BUILDING_IMAGE, S.DEPLOYING, S.VERIFYING}
 )

@@ -84,7 +84,7 @@ def not_ready(
             "The app ran out of memory during startup: it was killed at its limit of "
             f"{memory_mb} MiB{suffix}.{output}",
             title="Out of memory",
-            code="verifying_failed_oom",
+            code="verification_failed_oom",
             hint="Make the app need less memory at startup, or ask the platform operator for larger "
             "instances (instance_memory_mb).",
         )

@@ -93,7 +93,11 @@ def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def alerting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = make_server(tmp_path_factory.mktemp("alerting"), FASTAPI_DEPLOY_ALERT_INTERVAL="1")
+    srv = make_server(
+        tmp_path_factory.mktemp("alerting"),
+        FASTAPI_DEPLOY_ALERT_INTERVAL="1",
+        FASTAPI_DEPLOY_CRASH_WINDOW=str(CRASH_WINDOW),
+    )
     srv.start()
     srv.cli("login", "--url", srv.url, "--token", srv.admin_token)
     try:
@@ -102,6 +106,10 @@ def alerting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         srv.stop()
         (ROOT / "test-artifacts").mkdir(exist_ok=True)
         (ROOT / "test-artifacts" / "server-alerting.log").write_text(srv.log_path.read_text(errors="replace"))
+
+
+CRASH_WINDOW = 20
+"""Seconds: a second crash within it is a crash loop; healthy again after it passes without one."""
 
 
 def received(receiver: str, **match: Any) -> list[dict[str, Any]]:
@@ -182,6 +190,29 @@ def test_failed_deploys_and_crash_loops_alert(alerting: Server, receiver: str, t
         what="crash loop alert",
     )
     assert len(loops) == 1 and loops[0]["body"]["status"] == "firing"
+
+    # The live deployment is degraded while it crash-loops, with the reason, then healthy again.
+    live = alerting.cli_json("status", "crashy")["app"]["current_deployment_id"]
+
+    def deployment() -> dict[str, Any]:
+        with alerting.api() as api:
+            got: dict[str, Any] = api.get(f"/deployments/{live}").json()
+        return got
+
+    degraded = wait_until(lambda: (d := deployment())["status"] == "degraded" and d, 30, what="degraded")
+    failure = degraded["failure"]
+    assert failure["error_title"] == "Degraded" and "crash-looping" in failure["error_message"], degraded
+    assert alerting.cli_json("status", "crashy")["app"]["status"] == "degraded"
+    events = alerting.cli_json("events", "crashy", "--kind", "health")
+    assert any("is degraded" in e["message"] for e in events), events
+    assert "is degraded: crash-looping" in alerting.cli("logs", "crashy", "--tail", "300").stdout
+    healthy = wait_until(
+        lambda: (d := deployment())["status"] == "success" and d, CRASH_WINDOW + 30, what="healthy again"
+    )
+    assert healthy["failure"] is None
+    assert alerting.cli_json("status", "crashy")["app"]["status"] == "serving"
+    # A degraded live deployment's build is kept: the crash loop did not make it unrecoverable.
+    assert alerting.get("crashy", "/").status_code == 200
 
 
 def raise_unless_failed(response: httpx.Response) -> None:

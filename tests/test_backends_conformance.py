@@ -645,7 +645,7 @@ async def test_out_of_memory_at_startup_fails_verification_as_oom(harness: Harne
     with pytest.raises(VerifyError) as info:
         await backend.start(harness.spec(memory_mb=128, HOG_AT_STARTUP="400"), timeout=START_TIMEOUT)
 
-    assert info.value.code == "verifying_failed_oom"
+    assert info.value.code == "verification_failed_oom"
     assert info.value.title == "Out of memory"
     assert "ran out of memory during startup: it was killed at its limit of 128 MiB" in info.value.message
     assert backend.instances() == []

@@ -3,16 +3,19 @@
 The real CLI pushes the examples; each is built into an image (runtime/images.py), pushed to Debian's
 docker-registry on loopback (with a password) and run as containers that the router reaches. A code-only
 redeploy reuses the dependency layer (same digest); the image is pulled back by digest; a killed
-container is replaced; an app over its memory limit is reported; a crashed control plane's containers
-are adopted by the next one. ``scripts/test`` prepares the engine, the base image and the registry.
+container is replaced; an app over its memory limit is reported (in its logs, and as an ``oom`` alert to
+a webhook receiver in its own process); a crashed control plane's containers are adopted by the next
+one. ``scripts/test`` prepares the engine, the base image and the registry.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,9 @@ import pytest
 from runtime.images import LABEL
 from tests import dockerenv
 from tests.conftest import EXAMPLES, ROOT, Server, make_server, wait_until
+from tests.test_alerts_e2e import received
+from tests.test_alerts_e2e import receiver as receiver
+from tests.test_e2e import assert_sse_streams_event_by_event, assert_websocket_echoes
 
 pytestmark = pytest.mark.e2e
 
@@ -130,15 +136,25 @@ def copy_example(name: str, dest: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("example", "expect"),
+    ("example", "expect", "also"),
     [
-        ("hello", {"message": "Hello from fastapi-deploy"}),
-        ("with-deps", {"size": "1.0 MB", "humanize": None}),
+        ("hello", {"message": "Hello from fastapi-deploy"}, None),
+        ("with-deps", {"size": "1.0 MB", "humanize": None}, None),
+        ("package", {"shape": "package", "module": "app.routes"}, None),
+        ("lifespan", {"model": "loaded"}, None),
+        ("sse", {"stream": "/events"}, assert_sse_streams_event_by_event),
+        ("websocket", {"websocket": "/ws"}, assert_websocket_echoes),
     ],
+    ids=["hello", "with-deps", "package", "lifespan", "sse", "websocket"],
 )
 def test_examples_run_as_containers_behind_the_router(
-    server: Server, workdir: Path, example: str, expect: dict[str, Any]
+    server: Server,
+    workdir: Path,
+    example: str,
+    expect: dict[str, Any],
+    also: Callable[[Server, str], None] | None,
 ) -> None:
+    """Every example tests/test_e2e.py runs on the process backend, as a container; streams too."""
     out = push(server, copy_example(example, workdir / example), f"dk-{example}")
 
     r = server.get(f"dk-{example}", "/")
@@ -147,6 +163,8 @@ def test_examples_run_as_containers_behind_the_router(
     assert {k: v for k, v in body.items() if expect.get(k) is not None} == {
         k: v for k, v in expect.items() if v is not None
     }
+    if also is not None:  # as on the process backend (tests/test_e2e.py)
+        also(server, f"dk-{example}")
     image = image_of(server, out["deployment_id"])
     log = build_log(server, out["deployment_id"])
     assert f"Pushed {image['reference']}" in log
@@ -288,7 +306,7 @@ def test_killed_container_is_replaced(server: Server, workdir: Path) -> None:
     assert "exited unexpectedly (exit code -9)" in logs
 
 
-def test_out_of_memory_is_reported(server: Server, workdir: Path) -> None:
+def test_out_of_memory_is_reported(server: Server, workdir: Path, receiver: str) -> None:
     project = workdir / "hog"
     project.mkdir()
     (project / "main.py").write_text(HOG)
@@ -298,6 +316,8 @@ def test_out_of_memory_is_reported(server: Server, workdir: Path) -> None:
     try:
         # At runtime: the instance is killed at its limit, the logs say so, a new one takes over.
         push(server, project, "hog")
+        hook = server.cli_json("webhooks", "hog", "--add", f"{receiver}/hooks/hog")
+        [victim] = [i["id"] for i in server.cli_json("status", "hog")["app"]["instances"]]
         r = server.get("hog", "/hog")
         assert r.status_code == 502, r.text
         logs = wait_until(
@@ -310,11 +330,40 @@ def test_out_of_memory_is_reported(server: Server, workdir: Path) -> None:
         assert "was killed: out of memory (limit 160 MiB)" in logs
         wait_until(lambda: server.get("hog").status_code == 200, 60, what="a replacement instance")
 
+        # And it is an alert: a row of kind oom, sent (signed) to the app's webhook.
+        [sent] = wait_until(
+            lambda: received(receiver, type="app_alert", kind="oom", app="hog"), 30, what="the OOM alert"
+        )
+        body = sent["body"]
+        assert body["message"] == f"Instance {victim} was killed: out of memory (limit 160 MiB)", body
+        assert body["data"] == {"instance": victim, "memory_mb": 160}, body
+        assert body["severity"] == "ticket" and body["status"] == "firing"
+        digest = hmac.new(hook["secret"].encode(), sent["raw"].encode(), hashlib.sha256).hexdigest()
+        assert sent["signature"] == f"sha256={digest}"
+        oom = wait_until(
+            lambda: [a for a in server.cli_json("alerts", "hog") if a["kind"] == "oom" and a["deliveries"]],
+            30,
+            what="the alert's delivery recorded",
+        )
+        assert len(oom) == 1 and oom[0]["status"] == "resolved"  # one-shot: nothing left firing
+        assert [d["status"] for d in oom[0]["deliveries"]] == [204]
+        # Killed again soon after: an OOM crash loop makes the live deployment degraded_oom.
+        assert server.get("hog", "/hog").status_code == 502
+        live = server.cli_json("status", "hog")["app"]["current_deployment_id"]
+
+        def live_status() -> str:
+            with server.api() as api:
+                return str(api.get(f"/deployments/{live}").json()["status"])
+
+        wait_until(lambda: live_status() == "degraded_oom", 30, what="the deployment degraded_oom")
+        assert server.cli_json("status", "hog")["app"]["status"] == "degraded"
+        wait_until(lambda: server.get("hog").status_code == 200, 60, what="a replacement instance")
+
         # At startup: verification fails as out of memory, and the previous revision keeps serving.
         server.cli("env", "set", "hog", "HOG_AT_STARTUP=1", "--no-redeploy")
         failed = push(server, project, "hog", check=False)
-        assert failed["status"] == "verifying_failed", failed
-        assert failed["failure"]["error_code"] == "verifying_failed_oom", failed
+        assert failed["status"] == "verification_failed_oom", failed
+        assert failed["failure"]["error_code"] == "verification_failed_oom", failed
         assert failed["failure"]["error_title"] == "Out of memory"
         assert "ran out of memory during startup" in build_log(server, failed["deployment_id"])
         assert server.get("hog").status_code == 200

@@ -4,12 +4,15 @@
 A real server with ``--backend kubernetes`` builds the app into an image, pushes it to the test registry,
 runs it as pods by digest and routes to their IPs; autoscaling knobs become replicas; a restarted server
 adopts the pods instead of replacing them; two control planes on one PostgreSQL elect a leader through a
-Lease, and when the leader dies the other takes over and serves the apps. The real-cluster version of
-this is tests/test_kubernetes_cluster.py (it runs when ``KUBECONFIG`` points at a cluster).
+Lease, and when the leader dies the other takes over and serves the apps; a remote router
+(``fastapi-deploy router --endpoint-slices``) follows the pods' EndpointSlices, so a pod going away gets
+no request even while the control plane is frozen. The real-cluster version of this is
+tests/test_kubernetes_cluster.py (it runs when ``KUBECONFIG`` points at a cluster).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import uuid
 from collections.abc import Iterator
@@ -23,6 +26,7 @@ from tests.conftest import Server, make_server, wait_until
 from tests.dbs import postgres_database
 from tests.kubefake import FakeCluster
 from tests.test_e2e import copy_example, push
+from tests.test_edge_router import TOKEN, Edge, routed
 
 pytestmark = pytest.mark.e2e
 
@@ -212,3 +216,66 @@ def lease_holder(cluster: FakeCluster, namespace: str) -> str | None:
     except Exception:
         return None
     return lease.spec.holder_identity or None
+
+
+def test_a_remote_router_follows_the_endpointslices(cluster: FakeCluster, tmp_path: Path) -> None:
+    namespace = f"edge-{uuid.uuid4().hex[:6]}"
+    srv = k8s_server(tmp_path / "cp", cluster, namespace, FASTAPI_DEPLOY_ROUTER_TOKEN=TOKEN)
+    srv.start(timeout=90)
+    edge = Edge(
+        srv.url,
+        tmp_path / "router.log",
+        extra_env={
+            "KUBECONFIG": str(cluster.kubeconfig),
+            "FASTAPI_DEPLOY_KUBERNETES_PLATFORM_ID": namespace,
+        },
+    )
+    try:
+        srv.cli("login", "--url", srv.url, "--token", srv.admin_token)
+        push(srv, copy_example("hello", tmp_path), "sliced")
+        srv.cli("scale", "sliced", "--min", "2", "--max", "2", "--prewarm", "0")
+        the_app = app_id(srv, "sliced")
+        wait_until(lambda: len(pods(cluster, namespace, the_app)) == 2, 90, what="two pods")
+        edge.start("--endpoint-slices", "--namespace", namespace)
+        edge.wait_ready()
+        host = "sliced.localhost"
+
+        def states() -> dict[str, str]:
+            app = next((a for a in edge.routes()["apps"] if a["host"] == host), None)
+            return {u["id"]: u["endpoint"] for u in app["upstreams"]} if app else {}
+
+        # Both instances are in the table, and the slices call both pods ready.
+        wait_until(
+            lambda: len(states()) == 2 and set(states().values()) == {"ready"}, 60, what="two ready endpoints"
+        )
+        assert set(states()) == {p["metadata"]["name"] for p in pods(cluster, namespace, the_app)}
+        assert sorted(routed(edge, host)) == sorted(states())
+        assert {edge.get("sliced", "/").status_code for _ in range(6)} == {200}
+
+        # The control plane is frozen (its table is stale) when a pod is deleted: the slices alone take
+        # it out of the remote router's rotation, and no request reaches it.
+        victim = sorted(states())[0]
+        assert srv.proc is not None
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        try:
+            core(cluster).delete_namespaced_pod(victim, namespace)
+            wait_until(
+                lambda: victim not in routed(edge, host), 30, interval=0.2, what="the pod out of rotation"
+            )
+            assert states()[victim] in ("terminating", "gone"), states()
+            assert victim in states()  # still in the (stale) table: the slices, not the table, left it out
+            codes = [edge.get("sliced", "/", timeout=10).status_code for _ in range(10)]
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        assert codes == [200] * 10
+        # Thawed: the control plane replaces the pod and the table follows.
+        wait_until(
+            lambda: len(states()) == 2 and victim not in states() and set(states().values()) == {"ready"},
+            90,
+            interval=0.5,
+            what="a replacement in the table, ready in the slices",
+        )
+        assert {edge.get("sliced", "/").status_code for _ in range(6)} == {200}
+    finally:
+        edge.stop()
+        srv.stop()

@@ -195,9 +195,20 @@ class BackendStatus(Shape):
     nodes: list[NodeOut]
 
 
+class RemoteRouterStatus(Shape):
+    name: str
+    report_age_seconds: float | None
+    in_flight: int
+    queued: int
+    acked: int
+    """The last route change it applied (a sequence number)."""
+
+
 class RouterStatus(Shape):
     host: str
     port: int
+    remote: list[RemoteRouterStatus]
+    """Remote routers (``fastapi-deploy router``) connected to this control plane."""
 
 
 class PlatformStatus(Shape):
@@ -569,7 +580,11 @@ async def status(platform: PlatformDep) -> dict[str, Any]:
     return {
         "ready": platform.ready.is_set(),
         "backend": {"name": settings.backend, "instances": states, "nodes": [node]},
-        "router": {"host": settings.router_host, "port": platform.router.port},
+        "router": {
+            "host": settings.router_host,
+            "port": platform.router.port,
+            "remote": platform.router.remotes,
+        },
         "database": "postgresql" if settings.database_url else "sqlite",
         "apps": len(app_ids),
         "apps_serving": len(platform.fleet.serving),

@@ -20,7 +20,7 @@ from control_plane.permissions import Action
 from control_plane.platform import Platform
 from control_plane.security import get_app, get_team, require_user, team_ids
 from control_plane.serializers import AppList, AppOut, DeploymentOut, app_out, deployment_out
-from control_plane.statuses import IN_PROGRESS
+from control_plane.statuses import IN_PROGRESS, WENT_LIVE
 from control_plane.statuses import DeploymentStatus as S
 from runtime.detect import HEALTH_PATH_PATTERN, MAX_HEALTH_PATH, check_health_path
 
@@ -96,11 +96,13 @@ def _latest(session: Session, app_id: str) -> Deployment | None:
 
 
 def render_app(platform: Platform, session: Session, app: App) -> dict[str, Any]:
+    current = session.get(Deployment, app.current_deployment_id) if app.current_deployment_id else None
     return app_out(
         app,
         platform.settings,
         instances=platform.fleet.instances_of(app.id),
         latest=_latest(session, app.id),
+        current=current,
         in_flight=platform.router.in_flight(),
     )
 
@@ -268,10 +270,10 @@ async def rollback(
                     raise NotFound(
                         f"Deployment {target_id} not found in this app.", title="Deployment not found"
                     )
-                if target.status != S.SUCCESS:
+                if target.status not in WENT_LIVE:
                     raise Conflict(
                         f"Deployment {target.slug} did not succeed ({target.status}); "
-                        "only successful ones can serve.",
+                        "only ones that went live can serve.",
                         title="Cannot roll back to a failed deployment",
                         hint="`fastapi-deploy deployments APP` lists them with their status.",
                     )

@@ -13,7 +13,7 @@ are never part of an image.
 One thread per container follows its log stream (the Engine API's multiplexed stdout/stderr frames),
 turns it into levelled :class:`LogRecord` s on the event loop, waits for the ready line, and at the end of
 the stream reads the exit: status, and ``OOMKilled`` — an instance killed at its memory limit is
-reported with ``Instance.oom``, an error log line saying so, and a ``verifying_failed_oom`` failure when
+reported with ``Instance.oom``, an error log line saying so, and a ``verification_failed_oom`` failure when
 it happens during startup. Exited containers are removed once their exit is recorded.
 
 Containers carry labels (platform id, app, deployment, instance, what the spec said), so :meth:`recover`

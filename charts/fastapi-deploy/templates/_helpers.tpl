@@ -71,6 +71,26 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{/* What the routers present to the control plane: the value given, the one already in the release's
+Secret on upgrades, or a new random one. */}}
+{{- define "fastapi-deploy.routerToken" -}}
+{{- if .Values.secrets.routerToken -}}
+{{- .Values.secrets.routerToken -}}
+{{- else -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "fastapi-deploy.fullname" .) -}}
+{{- if and $existing $existing.data (index $existing.data "FASTAPI_DEPLOY_ROUTER_TOKEN") -}}
+{{- index $existing.data "FASTAPI_DEPLOY_ROUTER_TOKEN" | b64dec -}}
+{{- else -}}
+{{- randAlphaNum 43 -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Routers of their own (router.replicas > 0), or the one embedded in the leader. */}}
+{{- define "fastapi-deploy.remoteRouters" -}}
+{{- if gt (int .Values.router.replicas) 0 -}}true{{- end -}}
+{{- end -}}
+
 {{/* The pod security settings of every container the chart runs. */}}
 {{- define "fastapi-deploy.podSecurity" -}}
 securityContext:
