@@ -892,7 +892,8 @@ async def test_on_queue_may_start_capacity_at_once(apps: tuple[AppServer, AppSer
         router.on_queue = lambda app_id: router.set_app(HOST, app_id, [a.upstream()])
         response = await http.get("/echo")
         assert response.status_code == 200
-        assert response.headers["x-queue-time"] == "0"
+        # Queued only for the hook's own call (a millisecond on a loaded machine), not for a scale-up.
+        assert int(response.headers["x-queue-time"]) < 50
         assert response.headers["x-cold-start"] == "1"
         assert router.queued() == {"app-1": 0}
         assert router.stats["app-1"].queued_total == 1
