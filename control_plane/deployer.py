@@ -220,18 +220,7 @@ class Deployer:
         )
         self.buildlogs.append(deployment_id, message)
         self.buildlogs.notify(deployment_id)
-        if self.app_log is not None:
-            self.app_log(
-                LogRecord(
-                    app_id=app_id,
-                    deployment_id=deployment_id,
-                    instance_id="",
-                    stream="platform",
-                    timestamp=datetime.now(UTC),
-                    message=message,
-                    level="error" if status else "info",
-                )
-            )
+        self._app_line(app_id, deployment_id, "platform", message, "error" if status else "info")
 
     def _write_health(self, app_id: str, deployment_id: str, status: str | None, reason: str) -> bool:
         with self.db.session() as s:
@@ -855,18 +844,23 @@ class Deployer:
     def _log(self, deployment_id: str, message: str) -> None:
         self.buildlogs.append(deployment_id, message)
         app_id = self._app_of.get(deployment_id)
-        if app_id is not None and self.app_log is not None:
+        if app_id is not None:
             # The build's lines are the app's too (stream "build"): one place to search, and they
             # outlive the deployment's own log.
+            self._app_line(app_id, deployment_id, "build", message, parse_level(message, "build"))
+
+    def _app_line(self, app_id: str, deployment_id: str, stream: str, message: str, level: str) -> None:
+        """A line of the platform's in the app's logs (no instance wrote it)."""
+        if self.app_log is not None:
             self.app_log(
                 LogRecord(
                     app_id=app_id,
                     deployment_id=deployment_id,
                     instance_id="",
-                    stream="build",
+                    stream=stream,
                     timestamp=datetime.now(UTC),
                     message=message,
-                    level=parse_level(message, "build"),
+                    level=level,
                 )
             )
 

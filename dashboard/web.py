@@ -237,6 +237,17 @@ def app_by_slug(session: Session, who: Visitor, slug: str, action: Action) -> Ap
     return get_app(session, who.principal, row.id, action=action)
 
 
+async def load_app(platform: Platform, who: Visitor, slug: str, action: Action) -> App:
+    """:func:`app_by_slug` in a worker thread, for a form's handler: the API's 404/403 come before any
+    validation of what was typed (the API's handler checks again, as it always does)."""
+
+    def load() -> App:
+        with platform.db.session() as s:
+            return app_by_slug(s, who, slug, action)
+
+    return await asyncio.to_thread(load)
+
+
 # -- answering ----------------------------------------------------------------------------------------------
 
 

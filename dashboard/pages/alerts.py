@@ -41,6 +41,7 @@ from dashboard.web import (
     VisitorDep,
     app_by_slug,
     field_str,
+    load_app,
     messages,
     render,
     see_other,
@@ -223,7 +224,7 @@ async def create_slo(
 ) -> Response:
     """``POST /apps/{id}/slos`` (``app:update``); a mistake comes back next to the form, as typed."""
     platform = dash.platform
-    app = await _run(platform, who, app_slug, Action.APP_UPDATE)
+    app = await load_app(platform, who, app_slug, Action.APP_UPDATE)
     audit.note(request, team_id=app.team_id, app_id=app.id)
     typed = {k: field_str(form, k) for k in SLO_FIELDS}
     try:
@@ -253,7 +254,7 @@ async def delete_slo(
 ) -> Response:
     """``DELETE /apps/{id}/slos/{slo_id}``: the SLO and its alert state (its alerts stay in the history)."""
     platform = dash.platform
-    app = await _run(platform, who, app_slug, Action.APP_UPDATE)
+    app = await load_app(platform, who, app_slug, Action.APP_UPDATE)
     audit.note(request, team_id=app.team_id, app_id=app.id)
     await alerts_api.delete_slo(app.id, slo_id, platform, who.principal)
     return see_other(f"/dashboard/apps/{app_slug}/alerts?saved=slo-deleted#slos")
@@ -269,7 +270,7 @@ async def create_webhook(
     """``POST /apps/{id}/webhooks``: a JSON webhook's signing secret is on the page this answers with,
     and nowhere else."""
     platform = dash.platform
-    app = await _run(platform, who, app_slug, Action.APP_UPDATE)
+    app = await load_app(platform, who, app_slug, Action.APP_UPDATE)
     audit.note(request, team_id=app.team_id, app_id=app.id)
     url, kind = field_str(form, "url"), field_str(form, "kind", "json")
     try:
@@ -297,7 +298,7 @@ async def delete_webhook(
 ) -> Response:
     """``DELETE /apps/{id}/webhooks/{webhook_id}``."""
     platform = dash.platform
-    app = await _run(platform, who, app_slug, Action.APP_UPDATE)
+    app = await load_app(platform, who, app_slug, Action.APP_UPDATE)
     audit.note(request, team_id=app.team_id, app_id=app.id)
     await alerts_api.delete_webhook(app.id, webhook_id, platform, who.principal)
     return see_other(f"/dashboard/apps/{app_slug}/alerts?saved=webhook-deleted#webhooks")
@@ -309,19 +310,8 @@ async def test_webhook(
 ) -> Response:
     """``POST .../webhooks/{id}/test``: a test message now (up to three attempts), and what it answered."""
     platform = dash.platform
-    app = await _run(platform, who, app_slug, Action.APP_UPDATE)
+    app = await load_app(platform, who, app_slug, Action.APP_UPDATE)
     audit.note(request, team_id=app.team_id, app_id=app.id)
     answer = await alerts_api.test_webhook(app.id, webhook_id, platform, who.principal)
     ok = 200 <= (answer.get("status") or 0) < 300
     return await _page(request, who, platform, app_slug, tested={**answer, "ok": ok})
-
-
-async def _run(platform: Platform, who: Visitor, slug: str, action: Action) -> App:
-    """The app, if the visitor may perform the form's ``action``: the API's 404/403 come before any
-    validation of what was typed (the API's handler checks again, as it always does)."""
-
-    def load() -> App:
-        with platform.db.session() as s:
-            return app_by_slug(s, who, slug, action)
-
-    return await asyncio.to_thread(load)

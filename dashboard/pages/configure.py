@@ -27,7 +27,6 @@ from control_plane.api import scaling as scaling_api
 from control_plane.api import tokens as tokens_api
 from control_plane.api.deps import LimitsDep
 from control_plane.errors import BadRequest, QuotaExceeded
-from control_plane.models import App
 from control_plane.permissions import Action
 from control_plane.platform import Platform
 from dashboard.pages._common import app_header
@@ -39,6 +38,7 @@ from dashboard.web import (
     VisitorDep,
     app_by_slug,
     field_str,
+    load_app,
     messages,
     render,
     see_other,
@@ -55,13 +55,6 @@ NOTICES = {
     "health": "Health path saved; it applies from the next deployment.",
     "token-revoked": "Deploy token revoked.",
 }
-
-
-def _load(platform: Platform, who: Visitor, slug: str, action: Action) -> App:
-    """The app, if the visitor may perform the form's ``action`` on it: the API's 404/403 come before
-    any validation of what was typed (the API's handler checks again, as it always does)."""
-    with platform.db.session() as s:
-        return app_by_slug(s, who, slug, action)
 
 
 def _page(
@@ -109,7 +102,7 @@ async def save_scaling(
 ) -> Response:
     """``PATCH /apps/{id}/scaling`` with the form's five knobs."""
     platform = dash.platform
-    app = await _run(platform, who, app_slug, Action.SCALE)
+    app = await load_app(platform, who, app_slug, Action.SCALE)
     audit.note(request, team_id=app.team_id, app_id=app.id)
     values = {k: field_str(form, k) for k in SCALING_FIELDS}
     try:
@@ -134,7 +127,7 @@ def _bool(form: FormData, name: str) -> bool:
 async def set_env(request: Request, app_slug: str, who: VisitorDep, form: FormDep, dash: DashDep) -> Response:
     """Set one variable (``PUT .../environment-variables/`` with one upsert), redeploying if asked."""
     platform = dash.platform
-    app = await _run(platform, who, app_slug, Action.ENV_WRITE)
+    app = await load_app(platform, who, app_slug, Action.ENV_WRITE)
     audit.note(request, team_id=app.team_id, app_id=app.id)
     name, value = field_str(form, "name"), str(form.get("value") or "")
     redeploy = _bool(form, "redeploy")
@@ -159,7 +152,7 @@ async def delete_env(
 ) -> Response:
     """Remove one variable (``PUT .../environment-variables/`` with one delete)."""
     platform = dash.platform
-    app = await _run(platform, who, app_slug, Action.ENV_WRITE)
+    app = await load_app(platform, who, app_slug, Action.ENV_WRITE)
     audit.note(request, team_id=app.team_id, app_id=app.id)
     body = env_api.EnvBatch(delete=[field_str(form, "name")], redeploy=_bool(form, "redeploy"))
     await env_api.update_env(app.id, body, platform, who.principal)
@@ -225,7 +218,7 @@ async def delete_app(
 ) -> Response:
     """``DELETE /apps/{id}`` (owners), once the app's name is typed to confirm."""
     platform = dash.platform
-    app = await _run(platform, who, app_slug, Action.APP_DELETE)
+    app = await load_app(platform, who, app_slug, Action.APP_DELETE)
     audit.note(request, team_id=app.team_id, app_id=app.id)
     if field_str(form, "confirm") != app.slug:
         error = BadRequest(f"Type {app.slug} to confirm.", title="Not deleted")
@@ -235,10 +228,6 @@ async def delete_app(
 
 
 # -- helpers for the async handlers (database work and rendering in worker threads) ---------------------
-
-
-async def _run(platform: Platform, who: Visitor, slug: str, action: Action) -> App:
-    return await asyncio.to_thread(_load, platform, who, slug, action)
 
 
 async def _rerender(

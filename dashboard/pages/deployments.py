@@ -35,6 +35,7 @@ from dashboard.web import (
     VisitorDep,
     app_by_slug,
     field_str,
+    load_app,
     render,
     see_other,
 )
@@ -164,11 +165,7 @@ async def build_log(
 async def _release(
     request: Request, who: Visitor, platform: Platform, app_slug: str, kind: str, target: str
 ) -> Response:
-    def load() -> App:
-        with platform.db.session() as s:
-            return app_by_slug(s, who, app_slug, Action.APP_READ)
-
-    app = await asyncio.to_thread(load)
+    app = await load_app(platform, who, app_slug, Action.APP_READ)
     audit.note(request, team_id=app.team_id, app_id=app.id)
     if kind == "rollback":
         body = apps_api.RollbackRequest(deployment_id=target or None)

@@ -22,7 +22,7 @@ from control_plane.logstore import LogFilter
 from control_plane.models import utcnow
 from control_plane.permissions import Action
 from dashboard.pages._common import app_header
-from dashboard.web import DashboardRoute, DashDep, Visitor, VisitorDep, app_by_slug, render
+from dashboard.web import DashboardRoute, DashDep, VisitorDep, app_by_slug, load_app, render
 from runtime.logparse import LEVEL_RANK
 
 router = APIRouter(route_class=DashboardRoute, include_in_schema=False)
@@ -43,11 +43,6 @@ def _filter(level: str, q: str, trace_id: str, request_id: str, since: datetime 
         grep=q or None,
         fields={"trace_id": trace_id.lower(), "request_id": request_id},
     )
-
-
-def _app_id(dash_platform: Any, who: Visitor, slug: str) -> str:
-    with dash_platform.db.session() as s:
-        return app_by_slug(s, who, slug, Action.LOGS_READ).id
 
 
 @router.get("/dashboard/apps/{app_slug}/logs")
@@ -98,7 +93,7 @@ async def logs_stream(
     """NDJSON: the matching lines newer than ``after`` (an entry's timestamp), then new ones as they are
     written; ``{"type": "heartbeat"}`` every 15 s of silence."""
     platform = dash.platform
-    app_id = await asyncio.to_thread(_app_id, platform, who, app_slug)
+    app_id = (await load_app(platform, who, app_slug, Action.LOGS_READ)).id
     try:
         since = datetime.fromisoformat(after) if after else utcnow()
     except ValueError:
