@@ -32,9 +32,20 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
-    if IN_CI and report.skipped and "kubernetes" not in item.keywords:
+    # The marker, not a keyword: a parametrized id such as ``[kubernetes]`` is a keyword too.
+    if IN_CI and report.skipped and item.get_closest_marker("kubernetes") is None:
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, which is not allowed: {report.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """A whole module skipped while collected (``pytest.importorskip`` at its top) fails in CI too."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if IN_CI and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI while collected, which is not allowed: {report.longrepr}"
 
 
 def free_port() -> int:
