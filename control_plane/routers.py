@@ -30,7 +30,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -142,18 +142,10 @@ class RouterHub:
         return self.local.upstreams(hostname)
 
     def in_flight(self) -> dict[str, int]:
-        merged = self.local.in_flight()
-        for remote in self._fresh():
-            for instance_id, n in remote.in_flight.items():
-                merged[instance_id] = merged.get(instance_id, 0) + n
-        return merged
+        return _summed(self.local.in_flight(), (r.in_flight for r in self._fresh()))
 
     def queued(self) -> dict[str, int]:
-        merged = self.local.queued()
-        for remote in self._fresh():
-            for app_id, n in remote.queued.items():
-                merged[app_id] = merged.get(app_id, 0) + n
-        return merged
+        return _summed(self.local.queued(), (r.queued for r in self._fresh()))
 
     def idle_connections(self) -> dict[str, int]:
         return self.local.idle_connections()
@@ -164,14 +156,7 @@ class RouterHub:
         merged: dict[str, AppStats] = {}
         for source in (self.local.stats, self._totals):
             for app_id, s in source.items():
-                m = merged.get(app_id)
-                if m is None:
-                    m = merged[app_id] = AppStats()
-                m.requests += s.requests
-                m.errors += s.errors
-                m.queued_total += s.queued_total
-                m.cold_starts += s.cold_starts
-                m.queue_wait_seconds += s.queue_wait_seconds
+                merged.setdefault(app_id, AppStats()).add(s.counters())
         for app_id, n in self.queued().items():
             merged.setdefault(app_id, AppStats()).queued = n
         return merged
@@ -306,25 +291,28 @@ class RouterHub:
 
     def _count(self, remote: _Remote, counters: dict[str, Any]) -> None:
         """Add what the remote's cumulative counters grew by (a restarted router starts again at 0)."""
+        size = len(AppStats().counters())
         for app_id, values in counters.items():
-            new = [float(v) for v in values][:5]
-            if len(new) < 5:
+            new = [float(v) for v in values][:size]
+            if len(new) < size:
                 continue
-            old = remote.counters.get(app_id, [0.0] * 5)
-            delta = [n - o if n >= o else n for n, o in zip(new, old, strict=True)]
+            old = remote.counters.get(app_id, [0.0] * size)
             remote.counters[app_id] = new
-            total = self._totals.get(app_id)
-            if total is None:
-                total = self._totals[app_id] = AppStats()
-            total.requests += int(delta[0])
-            total.errors += int(delta[1])
-            total.queued_total += int(delta[2])
-            total.cold_starts += int(delta[3])
-            total.queue_wait_seconds += delta[4]
+            self._totals.setdefault(app_id, AppStats()).add(
+                [n - o if n >= o else n for n, o in zip(new, old, strict=True)]
+            )
 
     def _fresh(self) -> list[_Remote]:
         now = self.clock()
         return [r for r in self._remotes if r.seen and now - r.seen <= STALE_SECONDS]
+
+
+def _summed(local: dict[str, int], remotes: Iterable[dict[str, int]]) -> dict[str, int]:
+    """``local`` (the router's own fresh dict) with each remote's counts added, key by key."""
+    for counts in remotes:
+        for key, n in counts.items():
+            local[key] = local.get(key, 0) + n
+    return local
 
 
 def _request(record: list[Any], offset: float) -> tuple[str, _RemoteRequest, float]:

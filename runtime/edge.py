@@ -282,10 +282,7 @@ class Edge:
                 del self._pending[: len(self._pending) - MAX_PENDING_REQUESTS]
             return
         requests, self._pending = self._pending, []
-        counters = {
-            app_id: [s.requests, s.errors, s.queued_total, s.cold_starts, round(s.queue_wait_seconds, 6)]
-            for app_id, s in self.router.stats.items()
-        }
+        counters = {app_id: [round(v, 6) for v in s.counters()] for app_id, s in self.router.stats.items()}
         message = {
             "type": "report",
             "ack": self._seq,

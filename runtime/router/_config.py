@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -142,3 +142,17 @@ class AppStats:
     queue_wait_seconds: float = 0.0
     """Seconds spent waiting in the app's queue, summed over the requests that left it (served, timed out,
     cancelled or refused)."""
+
+    def counters(self) -> list[float]:
+        """The cumulative counters in a fixed order (``queued``, a gauge, is not one): what a remote
+        router reports, and what :meth:`add` takes."""
+        return [self.requests, self.errors, self.queued_total, self.cold_starts, self.queue_wait_seconds]
+
+    def add(self, counters: Sequence[float]) -> None:
+        """Add counters given in :meth:`counters`' order (another router's, or how much they grew)."""
+        requests, errors, queued_total, cold_starts, waited = counters
+        self.requests += int(requests)
+        self.errors += int(errors)
+        self.queued_total += int(queued_total)
+        self.cold_starts += int(cold_starts)
+        self.queue_wait_seconds += waited
