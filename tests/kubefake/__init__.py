@@ -86,9 +86,13 @@ class FakeCluster:
         self.store.create(kind_of("Node"), None, node, manager="kubefake")
         self.api.start()
         self.controllers.start()
+        self.directory.mkdir(parents=True, exist_ok=True)
         if self.kubelet is not None:
             self.kubelet.start()
-        self.directory.mkdir(parents=True, exist_ok=True)
+            # Pods reach the API as in a cluster: a TLS endpoint and a service account token mounted.
+            port, accounts = self.api.serve_pods(self.kubelet.node_ip, self.directory / "in-cluster")
+            self.kubelet.api_endpoint = (self.kubelet.node_ip, port)
+            self.kubelet.service_accounts = accounts
         config = {
             "apiVersion": "v1",
             "kind": "Config",

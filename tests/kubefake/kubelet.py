@@ -18,6 +18,11 @@ container joined to it (``network_mode=container:…``). What the kubelet keeps 
 - graceful deletion: SIGTERM, SIGKILL at the end of the grace period (shortened when a later delete
   shortens it), the final status written, then the object removed; a pod removed at once (grace 0)
   is killed at once;
+- the in-cluster API: ``KUBERNETES_SERVICE_HOST``/``_PORT`` name the API server's TLS listener on the
+  network's gateway, and ``token``, ``ca.crt`` and ``namespace`` are mounted at
+  ``/var/run/secrets/kubernetes.io/serviceaccount`` (unless ``automountServiceAccountToken: false``), so
+  the official client's in-cluster configuration works in a pod (one token for every service account:
+  RBAC is not enforced);
 - logs per container, current or previous, per stream (``stream=Stdout|Stderr``: the split-streams
   feature), ``follow``, ``timestamps``, ``sinceTime``, ``tailLines``.
 
@@ -47,6 +52,7 @@ POD, SECRET, CONFIGMAP, SERVICE = kind_of("Pod"), kind_of("Secret"), kind_of("Co
 NETWORK = "kubefake"
 LABEL = "dev.kubefake"
 TICK = 0.05
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def _rfc3339(value: str | None) -> str:
@@ -107,6 +113,10 @@ class Kubelet:
         self.sandbox_image = sandbox_image
         self.stand_ins = stand_ins or {}
         self.restart_backoff = restart_backoff
+        self.api_endpoint: tuple[str, int] = ("10.96.0.1", 443)
+        """Where pods reach the API server (``KUBERNETES_SERVICE_HOST``/``_PORT``)."""
+        self.service_accounts: Any = None
+        """``namespace -> directory`` of the files mounted at SERVICE_ACCOUNT_DIR (None: nothing mounted)."""
         self.docker = docker.APIClient(version="auto", timeout=120)
         self.workers: dict[str, _PodWorker] = {}
         self._streams: set[Any] = set()
@@ -283,6 +293,7 @@ class _PodWorker(threading.Thread):
             entrypoint=["sleep"],
             command=["infinity"],
             name=f"kubefake-{self.uid[:8]}-sandbox",
+            hostname=pod["metadata"]["name"][:63],  # a pod's hostname is its name; its containers share it
             labels=self._labels("sandbox"),
             host_config=self.docker.create_host_config(network_mode=NETWORK, cap_drop=["ALL"]),
             networking_config=None,
@@ -382,6 +393,11 @@ class _PodWorker(threading.Thread):
                 )
                 return
             tmpfs[mount["mountPath"]] = "rw,exec,mode=1777"
+        binds = None
+        if self.kubelet.service_accounts is not None and pod["spec"].get(
+            "automountServiceAccountToken", True
+        ):
+            binds = [f"{self.kubelet.service_accounts(self.namespace)}:{SERVICE_ACCOUNT_DIR}:ro"]
         host_config = self.docker.create_host_config(
             network_mode=f"container:{self.sandbox}",
             mem_limit=memory,
@@ -392,6 +408,7 @@ class _PodWorker(threading.Thread):
             security_opt=["no-new-privileges"] if security.get("allowPrivilegeEscalation") is False else None,
             read_only=bool(security.get("readOnlyRootFilesystem")),
             tmpfs=tmpfs or None,
+            binds=binds,
         )
         created = self.docker.create_container(
             image,
@@ -472,8 +489,8 @@ class _PodWorker(threading.Thread):
     def _env(self, pod: dict[str, Any], spec: dict[str, Any]) -> dict[str, str]:
         store = self.kubelet.store
         env: dict[str, str] = {
-            "KUBERNETES_SERVICE_HOST": "10.96.0.1",
-            "KUBERNETES_SERVICE_PORT": "443",
+            "KUBERNETES_SERVICE_HOST": self.kubelet.api_endpoint[0],
+            "KUBERNETES_SERVICE_PORT": str(self.kubelet.api_endpoint[1]),
             "HOSTNAME": self.pod_name,
         }
         if pod["spec"].get("enableServiceLinks", True):

@@ -3,26 +3,33 @@
     /api/v1/...                      core group          /apis/{group}/{version}/...   named groups
     .../namespaces/{ns}/{plural}     list, create, watch (``?watch=1``), deletecollection
     .../{plural}/{name}              get, replace (PUT), patch (merge, strategic, JSON, apply), delete
-    .../{name}/status | /scale       the subresources     pods/{name}/log | /eviction
+    .../{name}/status | /scale       the subresources     pods/{name}/log | /eviction | /portforward
 
 Patches by ``Content-Type``: ``application/apply-patch+yaml`` is server-side apply (``fieldManager``
 required, ``force``), ``application/merge-patch+json``, ``application/strategic-merge-patch+json``,
 ``application/json-patch+json``. Watches stream one JSON event per line (chunked), from a
 ``resourceVersion`` (410 ``Expired`` in the stream when it is too old), with ``allowWatchBookmarks`` and
-``timeoutSeconds``. Writes from clients are validated against the official OpenAPI schemas
-(``kubernetes-validate``; ``fieldValidation=Strict`` rejects unknown fields). Every request needs the
-bearer token of the generated kubeconfig.
+``timeoutSeconds``. ``pods/{name}/portforward`` is the WebSocket port forward (``v4.channel.k8s.io``: a
+data and an error channel per port, each opened with the port number) to the pod's IP, as the client's
+``kubernetes.stream.portforward`` uses it. Writes from clients are validated against the official OpenAPI
+schemas (``kubernetes-validate``; ``fieldValidation=Strict`` rejects unknown fields). Every request needs
+the bearer token of the generated kubeconfig.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import json
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -65,13 +72,51 @@ def validate(kind: Kind, obj: dict[str, Any], strict: bool) -> None:
         raise invalid(kind, obj.get("metadata", {}).get("name", ""), f"{where}: {first.message}")
 
 
+def _self_signed(address: str, cert: Path, key: Path) -> None:
+    """A self-signed certificate for the IP ``address`` (its own CA: what ``ca.crt`` holds)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubefake-apiserver")])
+    now = datetime.datetime.now(datetime.UTC)
+    public = private.public_key()
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]), critical=False
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
+        .sign(private, hashes.SHA256())
+    )
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
 
 class ApiServer:
-    """Serves ``store`` on 127.0.0.1 in a thread (``start``/``stop``)."""
+    """Serves ``store`` on 127.0.0.1 in a thread (``start``/``stop``), and to pods (``serve_pods``)."""
 
     def __init__(self, cluster: FakeCluster, token: str) -> None:
         self.cluster = cluster
@@ -83,6 +128,7 @@ class ApiServer:
         self._http = _Server(("127.0.0.1", 0), handler)
         self.port = int(self._http.server_address[1])
         self._thread = threading.Thread(target=self._http.serve_forever, name="kubefake-api", daemon=True)
+        self._pods: _Server | None = None
 
     @property
     def url(self) -> str:
@@ -91,10 +137,43 @@ class ApiServer:
     def start(self) -> None:
         self._thread.start()
 
+    def serve_pods(self, address: str, directory: Path) -> tuple[int, Any]:
+        """The in-cluster endpoint: the same API over TLS on ``address`` (the pods' network's gateway),
+        its certificate (for that IP) self-signed. The port, and ``namespace -> directory`` of the files a
+        pod's service account mounts (``token``, ``ca.crt``, ``namespace``)."""
+        import ssl
+
+        directory.mkdir(parents=True, exist_ok=True)
+        cert, key = directory / "ca.crt", directory / "tls.key"
+        _self_signed(address, cert, key)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        handler = type("Handler", (_Handler,), {"api": self})
+        pods = _Server((address, 0), handler)
+        pods.socket = context.wrap_socket(pods.socket, server_side=True)
+        self._pods = pods
+        threading.Thread(target=pods.serve_forever, name="kubefake-api-tls", daemon=True).start()
+
+        def mounted(namespace: str) -> Path:
+            where = directory / "accounts" / namespace
+            if not where.is_dir():
+                where.mkdir(parents=True, exist_ok=True)
+                (where / "token").write_text(self.token)
+                (where / "namespace").write_text(namespace)
+                (where / "ca.crt").write_bytes(cert.read_bytes())
+                for path in (where, *where.iterdir()):
+                    path.chmod(0o755 if path.is_dir() else 0o644)
+            return where
+
+        return int(pods.server_address[1]), mounted
+
     def stop(self) -> None:
         self.store.close()
         self._http.shutdown()
         self._http.server_close()
+        if self._pods is not None:
+            self._pods.shutdown()
+            self._pods.server_close()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -128,7 +207,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
-            if self.headers.get("Authorization") != f"Bearer {self.api.token}":
+            scheme, _, credential = (self.headers.get("Authorization") or "").partition(" ")
+            if scheme.lower() != "bearer" or credential.strip() != self.api.token:  # the scheme: any case
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             if url.path.rstrip("/") in ("/version", "/healthz", "/readyz", "/livez", "/api", "/apis"):
                 self._json(200, self._meta(url.path.rstrip("/")))
@@ -252,6 +332,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._scale(method, kind, namespace, name, raw, manager)
         elif sub == "log" and kind.kind == "Pod":
             self._log(namespace or "default", name, query)
+        elif sub == "portforward" and kind.kind == "Pod" and method == "GET":
+            self._portforward(namespace or "default", name, query)
         elif sub == "eviction" and kind.kind == "Pod" and method == "POST":
             self._evict(namespace or "default", name, self._body(raw))
         elif sub in (None, "status"):
@@ -426,6 +508,37 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._stream(chunks, "text/plain")
 
+    def _portforward(self, namespace: str, name: str, query: dict[str, str]) -> None:
+        """The WebSocket port forward: channel ``2i`` carries port ``i``'s bytes both ways, ``2i+1`` its
+        errors (server to client); each channel's first frame is the port number (2 bytes, little
+        endian). The connection ends when the client closes it or every pod connection has ended."""
+        pod = self.api.store.get(kind_of("Pod"), namespace, name)
+        status = pod.get("status") or {}
+        if status.get("phase") != "Running" or not status.get("podIP"):
+            raise ApiError(400, "BadRequest", f"pod {name} is not running")
+        try:
+            ports = [int(p) for p in query.get("ports", "").split(",") if p]
+        except ValueError:
+            raise ApiError(400, "BadRequest", f"invalid port in {query.get('ports')!r}") from None
+        if not ports or not all(0 < p < 65536 for p in ports):
+            raise ApiError(400, "BadRequest", 'query parameter "ports" is required: one or more ports')
+        key = self.headers.get("Sec-WebSocket-Key", "")
+        offered = {p.strip() for p in self.headers.get("Sec-WebSocket-Protocol", "").split(",")}
+        if self.headers.get("Upgrade", "").lower() != "websocket" or not key:
+            raise ApiError(400, "BadRequest", "Upgrade request required")
+        if _CHANNEL_PROTOCOL not in offered:
+            raise ApiError(400, "BadRequest", f"unsupported subprotocols {sorted(offered)}")
+        accept = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode()).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.send_header("Sec-WebSocket-Protocol", _CHANNEL_PROTOCOL)
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        _PortForward(self.connection, self.rfile, status["podIP"], ports).run()
+
     def _evict(self, namespace: str, name: str, body: dict[str, Any]) -> None:
         store = self.api.store
         pod = store.get(kind_of("Pod"), namespace, name)
@@ -453,3 +566,101 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(
             201, {"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 201, "metadata": {}}
         )
+
+
+_CHANNEL_PROTOCOL = "v4.channel.k8s.io"
+_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class _PortForward:
+    """One port-forward WebSocket: client frames to the pod's ports, the pods' bytes back as frames."""
+
+    def __init__(self, conn: socket.socket, rfile: Any, ip: str, ports: list[int]) -> None:
+        self.conn, self.rfile, self.ip, self.ports = conn, rfile, ip, ports
+        self.lock = threading.Lock()
+        self.upstreams: list[socket.socket | None] = [None] * len(ports)
+        self.open = 0
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        n = len(payload)
+        if n < 126:
+            head = struct.pack("!BB", 0x80 | opcode, n)
+        elif n < 1 << 16:
+            head = struct.pack("!BBH", 0x80 | opcode, 126, n)
+        else:
+            head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+        with self.lock:
+            self.conn.sendall(head + payload)
+
+    def receive(self) -> tuple[int, bytes] | None:
+        head = self.rfile.read(2)
+        if len(head) < 2:
+            return None
+        opcode, length = head[0] & 0x0F, head[1] & 0x7F
+        if length == 126:
+            (length,) = struct.unpack("!H", self.rfile.read(2))
+        elif length == 127:
+            (length,) = struct.unpack("!Q", self.rfile.read(8))
+        mask = self.rfile.read(4) if head[1] & 0x80 else b""
+        payload = self.rfile.read(length)
+        if mask:
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        return opcode, payload
+
+    def run(self) -> None:
+        readers = []
+        try:
+            for i, port in enumerate(self.ports):
+                number = struct.pack("<H", port)
+                self.send(0x2, bytes([2 * i]) + number)
+                self.send(0x2, bytes([2 * i + 1]) + number)
+                try:
+                    self.upstreams[i] = socket.create_connection((self.ip, port), timeout=5)
+                except OSError as exc:
+                    message = f"error forwarding port {port} to pod: {exc}"
+                    self.send(0x2, bytes([2 * i + 1]) + message.encode())
+                    continue
+                self.open += 1
+                reader = threading.Thread(target=self._pump, args=(i,), daemon=True)
+                reader.start()
+                readers.append(reader)
+            if not readers:
+                return
+            while (frame := self.receive()) is not None:
+                opcode, payload = frame
+                if opcode == 0x8:  # close
+                    break
+                if opcode == 0x9:  # ping
+                    self.send(0xA, payload)
+                elif opcode in (0x0, 0x2) and payload and payload[0] % 2 == 0:
+                    upstream = self.upstreams[payload[0] // 2] if payload[0] // 2 < len(self.ports) else None
+                    if upstream is not None and len(payload) > 1:
+                        upstream.sendall(payload[1:])
+        except OSError:
+            pass
+        finally:
+            for upstream in self.upstreams:
+                if upstream is not None:
+                    upstream.close()
+            for reader in readers:
+                reader.join(timeout=5)
+            with contextlib.suppress(OSError):
+                self.send(0x8, struct.pack("!H", 1000))
+
+    def _pump(self, i: int) -> None:
+        upstream = self.upstreams[i]
+        assert upstream is not None
+        upstream.settimeout(None)
+        try:
+            while data := upstream.recv(65536):
+                self.send(0x2, bytes([2 * i]) + data)
+        except OSError:
+            pass
+        with self.lock:
+            self.open -= 1
+            last = self.open == 0
+        if last:
+            # Every pod connection has ended: so does the forward (the client sees the WebSocket close).
+            with contextlib.suppress(OSError):
+                self.send(0x8, struct.pack("!H", 1000))
+                self.conn.shutdown(socket.SHUT_RDWR)
