@@ -150,6 +150,9 @@ class Settings:
     """``ingressClassName`` of the per-app Ingresses (``hpa`` scaling)."""
     kubernetes_split_logs: bool = False
     """Read pods' stdout and stderr apart (clusters with the ``PodLogsQuerySplitStreams`` gate)."""
+    kubernetes_probe_pods: bool = True
+    """The control plane asks a new pod's health path itself before it serves; off for a control plane
+    outside the cluster, which cannot reach pod IPs (the pods' readiness probes decide alone)."""
     docker_host: str = ""
     """The Docker engine image builds use (``DOCKER_HOST``; kubernetes backend: a builder reachable from
     the control plane), empty: the local socket."""
@@ -240,6 +243,7 @@ class Settings:
             "kubernetes_scaling": _env("FASTAPI_DEPLOY_KUBERNETES_SCALING", "router"),
             "kubernetes_ingress_class": _env("FASTAPI_DEPLOY_KUBERNETES_INGRESS_CLASS", ""),
             "kubernetes_split_logs": _flag("FASTAPI_DEPLOY_KUBERNETES_SPLIT_LOGS", False),
+            "kubernetes_probe_pods": _flag("FASTAPI_DEPLOY_KUBERNETES_PROBE_PODS", True),
             "docker_host": _env("DOCKER_HOST", ""),
             "leader_election": _env("FASTAPI_DEPLOY_LEADER_ELECTION", ""),
             "leader_lease": _env("FASTAPI_DEPLOY_LEADER_LEASE", "fastapi-deploy-leader"),

@@ -192,6 +192,7 @@ class Platform:
             platform_namespace=settings.kubernetes_platform_namespace or None,
             keep_on_close=settings.kubernetes_keep_on_close,
             split_log_streams=settings.kubernetes_split_logs,
+            verify_from_control_plane=settings.kubernetes_probe_pods,
             startup_timeout=int(settings.verify_timeout),
             ingress_class=settings.kubernetes_ingress_class or None,
         )

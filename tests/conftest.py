@@ -216,3 +216,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         artifacts = ROOT / "test-artifacts"
         artifacts.mkdir(exist_ok=True)
         (artifacts / f"server-{tmp.name}.log").write_text(log)
+
+
+@pytest.fixture(scope="session")
+def platform_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The platform's own image (``Dockerfile``) in the test engine, built once per session."""
+    from tests import dockerenv
+    from tests.platform_image import built
+
+    dockerenv.require()
+    with built(tmp_path_factory.mktemp("image-context")) as tag:
+        yield tag

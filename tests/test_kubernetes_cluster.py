@@ -1,11 +1,19 @@
-"""End to end on a REAL cluster: the kubernetes backend against whatever ``KUBECONFIG`` points at (kind,
-k3d, a cloud cluster). Skipped when no cluster is configured or reachable; marked ``kubernetes`` (a skip of
-it never fails CI, tests/conftest.py). docs/KUBERNETES.md says how to run it against kind or k3d.
+"""End to end on a REAL cluster, whatever ``KUBECONFIG`` points at (kind, k3d, a cloud cluster): the whole
+flow of tests/clusterflow.py (the chart's routers in the cluster, a control plane on this machine, push,
+route, trace, scale, logs, delete), and the kubernetes backend alone. Skipped when ``KUBECONFIG`` is unset;
+marked ``kubernetes`` (a skip of it never fails CI, tests/conftest.py). With ``KUBECONFIG`` set, the flow
+fails unless the cluster answers and its variables are set. docs/KUBERNETES.md says how to run it against
+kind or k3d.
 
-The image comes from ``FASTAPI_DEPLOY_TEST_K8S_IMAGE``: a digest reference the cluster can pull (built and
-pushed by the platform's own builder, e.g. the conformance image pushed to a registry the cluster
-reaches); pod IPs are usually not reachable from outside a cluster, so the app is asked through the API
-server's pod proxy and the control-plane-side probe is off.
+The whole flow needs ``FASTAPI_DEPLOY_TEST_K8S_REGISTRY`` (``host[:port]`` by which this machine pushes and
+the nodes pull, ``_USERNAME``/``_PASSWORD`` if it needs them), ``FASTAPI_DEPLOY_TEST_K8S_HOST_ADDRESS`` (an
+address of this machine the pods can connect to) and the docker test environment of scripts/test (the
+platform's image and the apps are built on ``FASTAPI_DEPLOY_TEST_BASE_IMAGE``).
+
+The backend test's image comes from ``FASTAPI_DEPLOY_TEST_K8S_IMAGE``: a digest reference the cluster
+can pull (built and pushed by the platform's own builder, e.g. the conformance image pushed to a
+registry the cluster reaches); pod IPs are usually not reachable from outside a cluster, so the app is
+asked through the API server's pod proxy and the control-plane-side probe is off.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from runtime.backends.base import Instance, InstanceSpec, InstanceState, LogRecord
+from tests import clusterflow, dockerenv
 
 pytestmark = [pytest.mark.kubernetes]
 
@@ -40,6 +49,40 @@ def _unavailable() -> str | None:
     except Exception as exc:
         return f"the cluster of KUBECONFIG is not reachable: {exc}"
     return None
+
+
+REGISTRY = os.environ.get("FASTAPI_DEPLOY_TEST_K8S_REGISTRY", "")
+HOST_ADDRESS = os.environ.get("FASTAPI_DEPLOY_TEST_K8S_HOST_ADDRESS", "")
+
+
+def test_the_whole_flow_on_the_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    if not KUBECONFIG:
+        pytest.skip("no cluster: KUBECONFIG is not set")
+    missing = [
+        name
+        for name, value in (
+            ("FASTAPI_DEPLOY_TEST_K8S_REGISTRY", REGISTRY),
+            ("FASTAPI_DEPLOY_TEST_K8S_HOST_ADDRESS", HOST_ADDRESS),
+        )
+        if not value
+    ]
+    assert not missing, f"KUBECONFIG names a cluster but {', '.join(missing)} is not set (docs/KUBERNETES.md)"
+    from runtime.backends._k8s_client import Kube
+
+    kube = Kube(KUBECONFIG)
+    try:
+        kube.request("GET", "/version")
+    finally:
+        kube.close()
+    target = clusterflow.Target(
+        kubeconfig=Path(KUBECONFIG),
+        registry=REGISTRY,
+        registry_username=os.environ.get("FASTAPI_DEPLOY_TEST_K8S_REGISTRY_USERNAME", ""),
+        registry_password=os.environ.get("FASTAPI_DEPLOY_TEST_K8S_REGISTRY_PASSWORD", ""),
+        host_address=HOST_ADDRESS,
+        base_image=dockerenv.BASE_IMAGE,
+    )
+    clusterflow.run(target, request.getfixturevalue("platform_image"), tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ runs it as pods by digest and routes to their IPs; autoscaling knobs become repl
 adopts the pods instead of replacing them; two control planes on one PostgreSQL elect a leader through a
 Lease, and when the leader dies the other takes over and serves the apps; a remote router
 (``fastapi-deploy router --endpoint-slices``) follows the pods' EndpointSlices, so a pod going away gets
-no request even while the control plane is frozen. The real-cluster version of this is
-tests/test_kubernetes_cluster.py (it runs when ``KUBECONFIG`` points at a cluster).
+no request even while the control plane is frozen. Last, the real-cluster scenario of tests/clusterflow.py
+(what tests/test_kubernetes_cluster.py runs when ``KUBECONFIG`` points at a cluster) runs here on the fake
+one: the chart's routers in the cluster, the control plane outside it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests import dockerenv
+from tests import clusterflow, dockerenv
 from tests.conftest import Server, make_server, wait_until
 from tests.dbs import postgres_database
 from tests.kubefake import FakeCluster
@@ -279,3 +280,18 @@ def test_a_remote_router_follows_the_endpointslices(cluster: FakeCluster, tmp_pa
     finally:
         edge.stop()
         srv.stop()
+
+
+def test_the_real_cluster_flow_runs_on_the_fake_cluster(
+    cluster: FakeCluster, platform_image: str, tmp_path: Path
+) -> None:
+    target = clusterflow.Target(
+        kubeconfig=cluster.kubeconfig,
+        registry=dockerenv.REGISTRY,
+        registry_username=dockerenv.REGISTRY_USERNAME,
+        registry_password=dockerenv.REGISTRY_PASSWORD,
+        host_address=cluster.kubelet.node_ip,  # the kubefake network's gateway: this machine
+        base_image=dockerenv.BASE_IMAGE,
+        timeout=90,
+    )
+    clusterflow.run(target, platform_image, tmp_path)

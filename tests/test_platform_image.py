@@ -1,8 +1,7 @@
 """The platform's own image (``Dockerfile``), as the Helm chart runs it, on a real Docker engine.
 
-Built from the repository on the test base image (Debian's python3.11: no registry is reachable here),
-offline: the project and its dependencies are wheels made on the host (``pip wheel``, from its cache) and
-installed from the build context. Then run as the chart runs it — non-root, a read-only root filesystem,
+Built once per session by the ``platform_image`` fixture (tests/platform_image.py: offline, on the test
+base image). Run as the chart runs it — non-root, a read-only root filesystem,
 ``/data`` and ``/tmp`` writable — a control plane (``server``) and, on the same Docker network, a remote
 router (``router``) fed by it with the shared token: the API answers, the router syncs its table and is
 ready, and the control plane lists it.
@@ -10,91 +9,19 @@ ready, and the control plane lists it.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests import dockerenv
-from tests.conftest import ROOT, wait_until
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.e2e
 
 TOKEN = "fdp_image_admin_" + uuid.uuid4().hex[:8]
 ROUTER_TOKEN = "fdp_image_router_" + uuid.uuid4().hex
-EXTRAS = "postgres,docker,kubernetes"
-
-
-def context(dest: Path) -> Path:
-    """The build context: the repository's tracked files, plus a wheelhouse of everything to install."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    ).stdout.split(b"\0")
-    for name in filter(None, (f.decode() for f in files)):
-        source = ROOT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    # The test venv is uv's (no pip in it): a seeded one of the same Python makes the wheels.
-    tools = dest.parent / "wheel-tools"
-    uv = str(Path(sys.executable).parent / "uv")
-    subprocess.run([uv, "venv", "--quiet", "--seed", "--python", sys.executable, str(tools)], check=True)
-    subprocess.run(
-        [
-            str(tools / "bin" / "python"),
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--wheel-dir",
-            str(dest / "wheelhouse"),
-            f"{dest}[{EXTRAS}]",
-        ],
-        check=True,
-        timeout=600,
-    )
-    return dest
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    dockerenv.require()
-    tag = f"fastapi-deploy-image-test:{uuid.uuid4().hex[:8]}"
-    ctx = context(tmp_path_factory.mktemp("image-context"))
-    build = subprocess.run(
-        [
-            "docker",
-            "build",
-            "--quiet",
-            "--tag",
-            tag,
-            "--build-arg",
-            f"BASE={dockerenv.BASE_IMAGE}",
-            "--build-arg",
-            f"PACKAGE=fastapi-deploy[{EXTRAS}]",
-            "--build-arg",
-            "PIP_ARGS=--no-index --find-links /src/wheelhouse",
-            str(ctx),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    try:
-        yield tag
-    finally:
-        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, timeout=120)
 
 
 def docker(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -130,7 +57,8 @@ def as_the_chart_runs_it(name: str, network: str) -> list[str]:
     ]
 
 
-def test_the_image_runs_a_control_plane_and_a_remote_router_as_the_chart_does(image: str) -> None:
+def test_the_image_runs_a_control_plane_and_a_remote_router_as_the_chart_does(platform_image: str) -> None:
+    image = platform_image
     suffix = uuid.uuid4().hex[:8]
     network, server, router = f"fdp-image-{suffix}", f"fdp-image-cp-{suffix}", f"fdp-image-router-{suffix}"
     data = f"fdp-image-data-{suffix}"
