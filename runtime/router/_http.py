@@ -57,6 +57,27 @@ _RESPONSE_HEADERS = {
     b"x-cold-start": _DROP,
     b"x-trace-id": _DROP,
 }
+_PROXY = 11  # "proxy-*": hop-by-hop by convention
+_OTHER = 12  # any other header: copied as it is
+
+#: Header names as they are spelled on the wire -> kind, learned as heads go by. Clients and apps use a
+#: handful of spellings, so a head costs one dict lookup per header instead of a ``lower()`` and a
+#: lookup; bounded, since the names are the peer's choice (past the bound, unknown names are lowered).
+_KIND_CACHE_SIZE = 2048
+_request_kinds: dict[bytes, int] = {}
+_response_kinds: dict[bytes, int] = {}
+
+
+def _kind(name: bytes, kinds: dict[bytes, int], cache: dict[bytes, int]) -> int:
+    lname = name.lower()
+    kind = kinds.get(lname)
+    if kind is None:
+        kind = _PROXY if lname[:6] == b"proxy-" else _OTHER
+    if len(cache) < _KIND_CACHE_SIZE:
+        cache[name] = kind
+    return kind
+
+
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 # version-traceid-parentid-flags (W3C Trace Context §3.2); version ff is invalid, all-zero ids too.
@@ -120,15 +141,24 @@ class RequestHead:
         self.parent_span_id = parent_span_id  # the client's span (b"" when the trace starts here)
 
 
+_getrandbits = random.getrandbits
+
+
 def new_request_id() -> bytes:
     """128 random bits in hex (32 characters, like ``uuid.uuid4().hex``), without uuid4's per-call
     ``os.urandom`` system call: an id needs to be unique, not secret."""
-    return binascii.hexlify(random.randbytes(16))
+    return binascii.hexlify(_getrandbits(128).to_bytes(16, "little"))
 
 
 def new_span_id() -> bytes:
     """64 random bits in hex: a span id (W3C Trace Context's parent-id)."""
-    return binascii.hexlify(random.randbytes(8))
+    return binascii.hexlify(_getrandbits(64).to_bytes(8, "little"))
+
+
+def _new_ids() -> bytes:
+    """192 random bits in hex, 48 characters: a request id (the first 32) and a span id (the last 16)
+    from one call, the usual need of a request."""
+    return binascii.hexlify(_getrandbits(192).to_bytes(24, "little"))
 
 
 def parse_traceparent(value: bytes) -> tuple[bytes, bytes] | None:
@@ -175,21 +205,19 @@ def rewrite_request(
 ) -> RequestHead:
     """Build the head sent upstream: original headers minus hop-by-hop ones, plus ``X-Forwarded-*`` and
     ``X-Request-ID``; the original ``Host`` is kept (apps check it). Raises `BadRequest`."""
-    out = [b"%s %s HTTP/1.1\r\n" % (method, url)]
+    out = [method + b" " + url + b" HTTP/1.1\r\n"]
     host: bytes | None = None
     forwarded_for = request_id = upgrade_to = transfer_encoding = traceparent = b""
     connection_tokens: list[bytes] | None = None
     length = -1
     expect = proxy = False
-    kinds = _REQUEST_HEADERS
+    cache = _request_kinds
     for name, value in headers:
-        lname = name.lower()
-        kind = kinds.get(lname)
+        kind = cache.get(name)
         if kind is None:
-            if lname[:6] != b"proxy-":
-                out += (name, b": ", value, b"\r\n")
-            else:
-                proxy = True
+            kind = _kind(name, _REQUEST_HEADERS, cache)
+        if kind == _OTHER:
+            out += (name, b": ", value, b"\r\n")
         elif kind == _HOST:
             if host is not None:
                 raise BadRequest("The request has more than one Host header.")
@@ -198,6 +226,8 @@ def rewrite_request(
         elif kind == _CONTENT_LENGTH:
             length = int(value)  # llhttp has validated it already
             out += (name, b": ", value, b"\r\n")
+        elif kind == _PROXY:
+            proxy = True
         elif kind == _FORWARDED_FOR:
             forwarded_for = forwarded_for + b", " + value if forwarded_for else value
         elif kind == _REQUEST_ID:
@@ -236,17 +266,18 @@ def rewrite_request(
         if extra:
             out = _without(out, extra)
 
-    client = forwarded_for + b", " + client_ip if forwarded_for else client_ip
     parent = parse_traceparent(traceparent) if traceparent else None
+    ids = _new_ids()  # one random call for a request id (if needed) and the edge span's id
+    span_id = ids[32:]
     if request_id:
-        trace_id, parent_span_id = parent if parent is not None else (new_request_id(), b"")
+        trace_id, parent_span_id = parent if parent is not None else (ids[:32], b"")
     else:
         # One random id serves as both when the client sent neither.
-        request_id = new_request_id()
+        request_id = ids[:32]
         trace_id, parent_span_id = parent if parent is not None else (request_id, b"")
-    span_id = new_span_id()
     # Always sampled (flags 01): the instance records every request and samples at the tail
     # (errors, slow requests, and a share of the rest are kept; runtime/telemetry.py).
+    client = forwarded_for + b", " + client_ip if forwarded_for else client_ip
     out.append(
         b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\nX-Request-ID: %s\r\n"
         b"traceparent: 00-%s-%s-01\r\n" % (client, host, request_id, trace_id, span_id)
@@ -293,13 +324,13 @@ def rewrite_response(
     connection_tokens: list[bytes] | None = None
     upgrade_to = b""
     has_length = chunked = False
-    kinds = _RESPONSE_HEADERS
+    cache = _response_kinds
     for name, value in headers:
-        lname = name.lower()
-        kind = kinds.get(lname)
+        kind = cache.get(name)
         if kind is None:
-            if lname[:6] != b"proxy-":
-                out += (name, b": ", value, b"\r\n")
+            kind = _kind(name, _RESPONSE_HEADERS, cache)
+        if kind == _OTHER:
+            out += (name, b": ", value, b"\r\n")
         elif kind == _CONTENT_LENGTH:
             has_length = True
             out += (name, b": ", value, b"\r\n")
