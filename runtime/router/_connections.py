@@ -42,7 +42,8 @@ def request_connection(state: State, ex: Exchange, inst: Instance) -> None:
 def connection_free(state: State, inst: Instance, conn: UpstreamConnection) -> None:
     """``conn`` finished a response (or just opened) and can carry another request: to the first request
     waiting, else into the pool."""
-    if conn.address is inst.address and not conn.closing():
+    transport = conn.transport  # conn.closing(), inlined: once per request
+    if conn.address is inst.address and transport is not None and not transport.is_closing():
         if inst.waiters:
             ex = inst.waiters.popleft()
             ex.waiting = False

@@ -66,6 +66,8 @@ _OTHER = 12  # any other header: copied as it is
 _KIND_CACHE_SIZE = 2048
 _request_kinds: dict[bytes, int] = {}
 _response_kinds: dict[bytes, int] = {}
+#: status -> (reason, status line) of the last response with that status: apps repeat themselves.
+_status_lines: dict[int, tuple[bytes, bytes]] = {}
 
 
 def _kind(name: bytes, kinds: dict[bytes, int], cache: dict[bytes, int]) -> int:
@@ -320,7 +322,12 @@ def rewrite_response(
     """The response head for the client: upstream headers minus hop-by-hop ones, our framing and
     ``Connection``, ``X-Request-ID`` and ``extra`` (whole header lines). Returns (head, upstream body
     framing, client body framing)."""
-    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    line = _status_lines.get(status)
+    if line is None or line[0] != reason:
+        line = (reason, b"HTTP/1.1 %d %s\r\n" % (status, reason))
+        if 100 <= status <= 999:  # what llhttp accepts anyway: a bounded cache
+            _status_lines[status] = line
+    out = [line[1]]
     connection_tokens: list[bytes] | None = None
     upgrade_to = b""
     has_length = chunked = False

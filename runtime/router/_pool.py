@@ -85,7 +85,8 @@ class Instance:
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if conn.closing():  # the instance hung up; connection_lost has not run yet
+            transport = conn.transport  # conn.closing(), inlined: once per request
+            if transport is None or transport.is_closing():  # the instance hung up; not lost yet
                 continue
             if now - conn.idle_since < max_idle:
                 return conn

@@ -86,16 +86,22 @@ class UpstreamConnection(asyncio.Protocol):
 
     def attach(self, ex: Exchange, data: bytes | list[bytes]) -> None:
         """Serve ``ex``: send its head (and any body bytes already received)."""
-        assert self.transport is not None
+        transport = self.transport
+        assert transport is not None
         self.ex = ex
         self.client_transport = ex.client.transport
         self.headers_done = False
         self.progress = -1
         if isinstance(data, bytes):
-            self.transport.write(data)
+            transport.write(data)
         else:
-            self.transport.writelines(data)
-        self.request_sent()
+            transport.writelines(data)
+        # request_sent(), inlined: this runs once per request
+        loop = self.state.loop
+        assert loop is not None
+        self.wait_since = loop.time()
+        if self.timer is None:
+            self.timer = loop.call_later(self.state.config.read_timeout, self._check_timeout)
 
     def request_sent(self) -> None:
         """The (rest of the) request went out: the read timeout counts from now.
@@ -227,9 +233,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks
 
-    def on_message_begin(self) -> None:
-        self.reason = b""
-        self.headers = []
+    # No on_message_begin (a callback less per response): on_headers_complete leaves reason and headers
+    # empty for the next response.
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
@@ -241,6 +246,8 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.ex
         assert ex is not None
         status = self.parser.get_status_code()
+        reason, headers = self.reason, self.headers
+        self.reason, self.headers = b"", []
         if status < 200 and status != 101:
             self.interim = True  # 100 Continue, 103 Early Hints: the router handles Expect itself
             return
@@ -249,7 +256,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers_done = True
         head_request = ex.method == b"HEAD"
         head, self.upstream_mode, self.mode = ex.start_response(
-            status, self.reason, self.headers, head_request or status in (101, 204, 304)
+            status, reason, headers, head_request or status in (101, 204, 304)
         )
         self.out.append(head)
         self.skip_body = head_request
