@@ -213,7 +213,7 @@ class ClientConnection(asyncio.Protocol):
         # Without a Connection header (llhttp reads Proxy-Connection too), llhttp keeps HTTP/1.1 alive and
         # closes HTTP/1.0: the version is known without get_http_version, which formats a string.
         http10 = parser.get_http_version() == "1.0" if head.connection else not keep_alive
-        ex = Exchange(self, method, head, keep_alive=keep_alive, http10=http10, upgrade=upgrade, body=body)
+        ex = Exchange(self, method, head, keep_alive, http10, upgrade, body)
         self.parsing = ex
         if head.content_length > config.max_body_bytes:
             # Refuse before reading a byte of it; the answer waits for its turn like any other.
@@ -263,7 +263,7 @@ class ClientConnection(asyncio.Protocol):
             ex.fail(code, message)
             return
         # The error is in a request head: a stand-in exchange carries the answer, in order.
-        ex = Exchange(self, b"", None, keep_alive=False, http10=False, upgrade=False, body=REQ_NONE)
+        ex = Exchange(self, b"", None, False, False, False, REQ_NONE)  # no keep-alive, HTTP/1.1, no upgrade
         ex.error = (code, message)
         self._enqueue(ex)
 

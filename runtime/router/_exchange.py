@@ -81,7 +81,6 @@ class Exchange:
         client: ClientConnection,
         method: bytes,
         head: RequestHead | None,
-        *,
         keep_alive: bool,
         http10: bool,
         upgrade: bool,

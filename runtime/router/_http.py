@@ -6,8 +6,8 @@ Everything here works on ``bytes`` as ``httptools`` hands them over, so no reque
 from __future__ import annotations
 
 import binascii
-import functools
 import json
+import os
 import random
 import re
 from http import HTTPStatus
@@ -143,24 +143,43 @@ class RequestHead:
         self.parent_span_id = parent_span_id  # the client's span (b"" when the trace starts here)
 
 
-_getrandbits = random.getrandbits
+class _Ids:
+    """Random hex for the ids of requests, made a few kilobytes at a time: each request takes 48
+    characters, a request id (the first 32) and a span id (the last 16), for the price of a slice."""
+
+    __slots__ = ("at", "hex")
+
+    _BATCH = 24 * 256  # random bytes per batch: 256 requests
+
+    def __init__(self) -> None:
+        self.hex = b""
+        self.at = 0
+
+    def take(self) -> bytes:
+        at = self.at
+        if at >= len(self.hex):
+            self.hex = binascii.hexlify(random.randbytes(self._BATCH))
+            at = 0
+        self.at = at + 48
+        return self.hex[at : at + 48]
+
+
+_ids = _Ids()
+_new_ids = _ids.take
+
+
+def _ids_after_fork() -> None:
+    # A forked child must not hand out its parent's ids (random itself reseeds in the child).
+    _ids.at = len(_ids.hex)
+
+
+os.register_at_fork(after_in_child=_ids_after_fork)
 
 
 def new_request_id() -> bytes:
     """128 random bits in hex (32 characters, like ``uuid.uuid4().hex``), without uuid4's per-call
     ``os.urandom`` system call: an id needs to be unique, not secret."""
-    return binascii.hexlify(_getrandbits(128).to_bytes(16, "little"))
-
-
-def new_span_id() -> bytes:
-    """64 random bits in hex: a span id (W3C Trace Context's parent-id)."""
-    return binascii.hexlify(_getrandbits(64).to_bytes(8, "little"))
-
-
-def _new_ids() -> bytes:
-    """192 random bits in hex, 48 characters: a request id (the first 32) and a span id (the last 16)
-    from one call, the usual need of a request."""
-    return binascii.hexlify(_getrandbits(192).to_bytes(24, "little"))
+    return _new_ids()[:32]
 
 
 def parse_traceparent(value: bytes) -> tuple[bytes, bytes] | None:
@@ -175,9 +194,22 @@ def parse_traceparent(value: bytes) -> tuple[bytes, bytes] | None:
     return trace_id, parent
 
 
-@functools.lru_cache(maxsize=1024)  # a few distinct Host values carry nearly all requests
+#: ``Host`` value -> routing key: a few distinct values carry nearly all requests (a dict lookup is
+#: cheaper than an lru_cache call); bounded, emptied when full.
+_route_keys: dict[bytes, bytes] = {}
+
+
 def route_key(host: bytes) -> bytes:
     """``Host`` header value -> routing key: lower-case, no port, no trailing dot."""
+    key = _route_keys.get(host)
+    if key is None:
+        if len(_route_keys) >= 1024:
+            _route_keys.clear()
+        key = _route_keys[host] = _route_key(host)
+    return key
+
+
+def _route_key(host: bytes) -> bytes:
     host = host.strip().lower()
     if host.startswith(b"["):  # IPv6 literal: the port follows the bracket
         host = host[: host.find(b"]") + 1]
