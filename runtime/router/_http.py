@@ -62,8 +62,10 @@ _OTHER = 12  # any other header: copied as it is
 
 #: Header names as they are spelled on the wire -> kind, learned as heads go by. Clients and apps use a
 #: handful of spellings, so a head costs one dict lookup per header instead of a ``lower()`` and a
-#: lookup; bounded, since the names are the peer's choice (past the bound, unknown names are lowered).
+#: lookup; bounded in entries and in name length, since the names are the peer's choice (past the
+#: bounds, names are lowered each time as before).
 _KIND_CACHE_SIZE = 2048
+_CACHED_NAME_BYTES = 64
 _request_kinds: dict[bytes, int] = {}
 _response_kinds: dict[bytes, int] = {}
 #: status -> (reason, status line) of the last response with that status: apps repeat themselves.
@@ -75,7 +77,7 @@ def _kind(name: bytes, kinds: dict[bytes, int], cache: dict[bytes, int]) -> int:
     kind = kinds.get(lname)
     if kind is None:
         kind = _PROXY if lname[:6] == b"proxy-" else _OTHER
-    if len(cache) < _KIND_CACHE_SIZE:
+    if len(cache) < _KIND_CACHE_SIZE and len(name) <= _CACHED_NAME_BYTES:
         cache[name] = kind
     return kind
 
@@ -195,7 +197,8 @@ def parse_traceparent(value: bytes) -> tuple[bytes, bytes] | None:
 
 
 #: ``Host`` value -> routing key: a few distinct values carry nearly all requests (a dict lookup is
-#: cheaper than an lru_cache call); bounded, emptied when full.
+#: cheaper than an lru_cache call); bounded, emptied when full, and only for values the length of a
+#: host name and port (a client may send longer ones).
 _route_keys: dict[bytes, bytes] = {}
 
 
@@ -203,9 +206,11 @@ def route_key(host: bytes) -> bytes:
     """``Host`` header value -> routing key: lower-case, no port, no trailing dot."""
     key = _route_keys.get(host)
     if key is None:
-        if len(_route_keys) >= 1024:
-            _route_keys.clear()
-        key = _route_keys[host] = _route_key(host)
+        key = _route_key(host)
+        if len(host) <= 270:
+            if len(_route_keys) >= 1024:
+                _route_keys.clear()
+            _route_keys[host] = key
     return key
 
 
@@ -357,7 +362,7 @@ def rewrite_response(
     line = _status_lines.get(status)
     if line is None or line[0] != reason:
         line = (reason, b"HTTP/1.1 %d %s\r\n" % (status, reason))
-        if 100 <= status <= 999:  # what llhttp accepts anyway: a bounded cache
+        if 100 <= status <= 999 and len(reason) <= 64:  # a bounded cache
             _status_lines[status] = line
     out = [line[1]]
     connection_tokens: list[bytes] | None = None
