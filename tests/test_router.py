@@ -637,6 +637,36 @@ async def test_forwarding_headers_and_request_id(apps: tuple[AppServer, AppServe
         assert response.headers.get("connection") != "x-hop"
 
 
+async def test_header_names_mean_the_same_in_any_case_and_ids_never_repeat(
+    apps: tuple[AppServer, AppServer],
+) -> None:
+    # The router learns header names as spelled on the wire: each spelling must still be what its
+    # lower-case name is, the first time and every time after.
+    a, _ = apps
+    async with running() as router, client(router) as http:
+        router.set_app(HOST, "app-1", [a.upstream()])
+        ids: set[str] = set()
+        for _ in range(3):
+            for spelling in (str.lower, str.upper, str.title):
+                response = await http.get(
+                    "/echo",
+                    headers={
+                        spelling("X-Forwarded-Proto"): "https",
+                        spelling("Keep-Alive"): "timeout=5",
+                        spelling("Proxy-Authorization"): "Basic Zm9vOmJhcg==",
+                        spelling("X-Kept"): "yes",
+                    },
+                )
+                seen = dict(response.json()["headers"])
+                assert seen["x-forwarded-proto"] == "http"
+                assert seen["x-kept"] == "yes"
+                assert "keep-alive" not in seen and "proxy-authorization" not in seen
+                ids.add(response.headers["x-request-id"])
+        for _ in range(300):  # past one batch of random ids
+            ids.add((await http.get("/echo")).headers["x-request-id"])
+        assert len(ids) == 309
+
+
 # -- 7. limits ---------------------------------------------------------------------------------------
 
 
@@ -648,6 +678,26 @@ async def test_headers_too_large_is_431(apps: tuple[AppServer, AppServer]) -> No
         raw.send(get(extra=f"X-Big: {'x' * 5000}\r\n"))
         error_of(await raw.response(), 431, "headers_too_large")
         assert await raw.closed()
+
+        # Complete, but in two reads, each under the limit (only such heads are counted header by header).
+        raw = await RawClient.open(router)
+        head = get(extra=f"X-Big: {'x' * 3000}\r\nX-Big-Too: {'x' * 3000}\r\n")
+        raw.send(head[:3500])
+        await asyncio.sleep(0.05)  # two reads, not one
+        raw.send(head[3500:])
+        error_of(await raw.response(), 431, "headers_too_large")
+        assert await raw.closed()
+
+        # Just under the limit is fine, in one read or two.
+        raw = await RawClient.open(router)
+        head = get(extra=f"X-Big: {'x' * 3800}\r\n")
+        raw.send(head)
+        assert (await raw.response()).status_code == 200
+        raw.send(head[:2000])
+        await asyncio.sleep(0.05)
+        raw.send(head[2000:])
+        assert (await raw.response()).status_code == 200
+        raw.close()
 
         # A head that never ends is cut off as well.
         raw = await RawClient.open(router)

@@ -49,7 +49,6 @@ class ClientConnection(asyncio.Protocol):
         "eof",
         "feeding",
         "head_continues",
-        "head_size",
         "headers",
         "idle_since",
         "in_head",
@@ -77,14 +76,15 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip = client_ip
         self.url = b""
         self.headers = _NO_HEADERS
-        self.head_size = self.raw_size = 0  # parsed head bytes; raw bytes received while in a head
+        self.raw_size = 0  # raw bytes received while in a head (of reads before the one being parsed)
         self.in_head = self.head_continues = self.ended_here = False
         self.parsing: Exchange | None = None  # the request whose body is arriving
         self.current: Exchange | None = None  # the request being served
         self.pipeline: deque[Exchange] | None = None  # requests parsed and waiting their turn
         self.paused = 0  # PAUSE_* bits
         self.write_paused = False
-        self.closing = self.dead = self.raw = self.eof = self.advancing = self.served = self.feeding = False
+        self.closing = self.dead = self.raw = self.eof = self.advancing = self.served = False
+        self.feeding = 0  # the size of the read being parsed (0: not parsing)
         self.idle_since = 0.0
 
     # -- asyncio.Protocol
@@ -122,7 +122,7 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         if parser is None:
             parser = self.parser = httptools.HttpRequestParser(self)
-        self.feeding = True
+        self.feeding = len(data)
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -140,7 +140,7 @@ class ClientConnection(asyncio.Protocol):
                 self.fail("bad_request", f"The request could not be parsed: {exc}.")
             return
         finally:
-            self.feeding = False
+            self.feeding = 0
         if self.in_head:
             # An unfinished head: httptools holds the partial header itself, so count raw bytes. If an
             # earlier (pipelined) request ended in the same read, that read is not counted: the head is
@@ -171,24 +171,27 @@ class ClientConnection(asyncio.Protocol):
             raise _Stop
         self.url = b""
         self.headers = []
-        self.head_size = self.raw_size = 0
+        self.raw_size = 0
         self.in_head = True
         self.head_continues = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self.head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
-        self.head_size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         config = self.config
-        if self.head_size > config.max_header_bytes:
-            self._headers_too_large(self.head_size)
-            raise _Stop
+        limit = config.max_header_bytes
+        if self.head_continues or self.feeding > limit:
+            # Only a head that came in more than one read, or in one larger than the limit, can be over
+            # it: the others are not counted, which spares every header a callback's worth of sums.
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if size > limit:
+                self._headers_too_large(size)
+                raise _Stop
         parser = self.parser
         assert parser is not None
         method = parser.get_method()

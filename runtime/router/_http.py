@@ -83,6 +83,20 @@ def _kind(name: bytes, kinds: dict[bytes, int], cache: dict[bytes, int]) -> int:
 
 
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+#: The usual Connection values, split already.
+_COMMON_CONNECTION = {
+    v: [v.lower()] for v in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
+}
+
+
+def _connection_tokens(value: bytes) -> list[bytes]:
+    """The options of a ``Connection`` header value, lower-case."""
+    tokens = _COMMON_CONNECTION.get(value)
+    if tokens is not None:
+        return tokens  # += copies it: never mutated
+    return [t.strip().lower() for t in value.split(b",")]
+
+
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 # version-traceid-parentid-flags (W3C Trace Context §3.2); version ff is invalid, all-zero ids too.
 _TRACEPARENT_RE = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
@@ -275,7 +289,7 @@ def rewrite_request(
         elif kind == _CONNECTION:
             if connection_tokens is None:
                 connection_tokens = []
-            connection_tokens.extend(t.strip().lower() for t in value.split(b","))
+            connection_tokens += _connection_tokens(value)
         elif kind == _UPGRADE:
             upgrade_to = value
         elif kind == _TRANSFER_ENCODING:
@@ -381,7 +395,7 @@ def rewrite_response(
         elif kind == _CONNECTION:
             if connection_tokens is None:
                 connection_tokens = []
-            connection_tokens.extend(t.strip().lower() for t in value.split(b","))
+            connection_tokens += _connection_tokens(value)
         elif kind == _UPGRADE:
             upgrade_to = value
         elif kind == _TRANSFER_ENCODING:
