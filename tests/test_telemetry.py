@@ -467,6 +467,71 @@ class Sink:
         self.got.append(span)
 
 
+@dataclass
+class FakeServerContext:
+    trace_id: int
+    span_id: int
+
+
+def test_server_spans_are_written_as_the_receiver_reads_them() -> None:
+    """The exporter writes the platform's server spans itself (not through the SDK's encoder): the
+    control plane's decoder reads what the SDK would have written, and the bytes join another request's."""
+    resource = FakeResource({"service.name": "hello", "fastapi_deploy.instance_id": "i1"})
+    failed = instrument._ServerSpan(
+        FakeServerContext(int("4bf92f3577b34da6a3ce929d0e0e4736", 16), 0x1111111111111111),
+        0x00F067AA0BA902B7,
+        "GET /items/{item_id}",
+        _NOW,
+        _NOW + 5_000_000,
+        {"http.route": "/items/{item_id}", "http.response.status_code": 500, "ok": True, "r": 0.5, "n": -3},
+        [("exception", _NOW + 4_000_000, {"exception.type": "KeyError", "exception.message": "ünï"})],
+        2,
+        "KeyError",
+    )
+    local = instrument._ServerSpan(FakeServerContext(7, 8), 0, "GET", _NOW, _NOW + 1, {}, [], 0, "")
+    fields = instrument._resource_and_scope(resource, "fastapi-deploy.instance")
+    other = encode_protobuf([_span()])
+    spans = decode(other + instrument.encode_server_spans(*fields, [failed, local]), "application/x-protobuf")
+    assert len(spans) == 3 and spans[0] == _span()
+    assert spans[1] == SpanData(
+        trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
+        span_id="1111111111111111",
+        parent_span_id="00f067aa0ba902b7",
+        name="GET /items/{item_id}",
+        kind=2,
+        start_ns=_NOW,
+        end_ns=_NOW + 5_000_000,
+        status_code=2,
+        status_message="KeyError",
+        attributes={
+            "http.route": "/items/{item_id}",
+            "http.response.status_code": 500,
+            "ok": True,
+            "r": 0.5,
+            "n": -3,
+        },
+        events=[
+            {
+                "name": "exception",
+                "time_ns": _NOW + 4_000_000,
+                "attributes": {"exception.type": "KeyError", "exception.message": "ünï"},
+            }
+        ],
+        resource={"service.name": "hello", "fastapi_deploy.instance_id": "i1"},
+        scope="fastapi-deploy.instance",
+    )
+    assert (spans[2].trace_id, spans[2].parent_span_id, spans[2].status_code) == (f"{7:032x}", "", 0)
+    # The span flags say whether the parent is remote, as the SDK's encoder does (0x100 | 0x200).
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(instrument.encode_server_spans(*fields, [failed, local]))
+    assert [span.flags for span in request.resource_spans[0].scope_spans[0].spans] == [0x300, 0x100]
+
+
+@dataclass
+class FakeResource:
+    attributes: dict[str, Any]
+
+
 def test_tail_sampler_keeps_whole_traces() -> None:
     sink = Sink()
     sampler = instrument.TailSampler(sink, ratio=0.0, slow_ns=500_000_000)
