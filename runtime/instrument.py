@@ -28,6 +28,7 @@ protobuf in the exporter thread (:class:`_ServerSpan`), the libraries' spans go 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import itertools
@@ -40,7 +41,7 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 # (module the app must have, instrumentor "module:Class"); each applied only when both import.
 _LIBRARIES = (
@@ -330,49 +331,54 @@ class ServerSpans:
             end = time.time_ns()
             code = status[0] or (500 if failure is not None else 0)
             error = code >= 500 or (failure is not None and not isinstance(failure, _CANCELLED))
+            client = scope.get("client")
+            # Facts, not the scope: a dropped request waits in the sampler's short list (a late block
+            # report may bring it back), and a scope there would keep the request's objects alive into
+            # the collector's oldest generation, which then runs far more often.
+            request = _Request(
+                trace_id,
+                span_id,
+                parent_id,
+                start,
+                end,
+                code,
+                scope.get("method", "GET"),
+                scope.get("path", ""),
+                scope.get("scheme", "http"),
+                scope.get("http_version", "1.1"),
+                getattr(scope.get("route"), "path", None),  # Starlette >= 0.34 says which route matched
+                scope.get("query_string", b""),
+                host,
+                user_agent,
+                client[0] if client else None,
+            )
             sampler.finish(
                 trace_id,
                 end - start,
                 error,
-                lambda: self._span(
-                    scope, trace_id, span_id, parent_id, start, end, code, failure, host, user_agent
-                ),
+                functools.partial(self._span, request, failure if error else None),
             )
 
-    def _span(
-        self,
-        scope: Any,
-        trace_id: int,
-        span_id: int,
-        parent_id: int,
-        start: int,
-        end: int,
-        code: int,
-        failure: BaseException | None,
-        host: bytes,
-        user_agent: bytes,
-    ) -> Any:
+    def _span(self, request: _Request, failure: BaseException | None) -> _ServerSpan:
         """The kept request's span (:class:`_ServerSpan`: plain data, encoded by the exporter thread)."""
-        method = scope.get("method", "GET")
-        route = getattr(scope.get("route"), "path", None)  # Starlette >= 0.34 says which route matched
+        method, route, code, end = request.method, request.route, request.code, request.end
         attributes: dict[str, Any] = {
             "http.request.method": method,
-            "url.path": scope.get("path", ""),
-            "url.scheme": scope.get("scheme", "http"),
-            "network.protocol.version": scope.get("http_version", "1.1"),
+            "url.path": request.path,
+            "url.scheme": request.scheme,
+            "network.protocol.version": request.http_version,
             "http.response.status_code": code,
         }
         if route:
             attributes["http.route"] = route
-        if scope.get("query_string"):
-            attributes["url.query"] = scope["query_string"].decode("latin-1")
-        if host:
-            attributes["server.address"] = host.decode("latin-1").rsplit(":", 1)[0]
-        if user_agent:
-            attributes["user_agent.original"] = user_agent.decode("latin-1")
-        client = scope.get("client")
-        if client:
-            attributes["client.address"] = client[0]
+        if request.query_string:
+            attributes["url.query"] = request.query_string.decode("latin-1")
+        if request.host:
+            attributes["server.address"] = request.host.decode("latin-1").rsplit(":", 1)[0]
+        if request.user_agent:
+            attributes["user_agent.original"] = request.user_agent.decode("latin-1")
+        if request.client:
+            attributes["client.address"] = request.client
         events: list[tuple[str, int, dict[str, Any]]] = []
         status, message = 0, ""
         if failure is not None and not isinstance(failure, _CANCELLED):
@@ -386,16 +392,36 @@ class ServerSpans:
         elif code >= 500:
             status, message = 2, f"HTTP {code}"
         return _ServerSpan(
-            self._span_context(trace_id, span_id, False, self._sampled),
-            parent_id,
+            self._span_context(request.trace_id, request.span_id, False, self._sampled),
+            request.parent_id,
             f"{method} {route}" if route else method,
-            start,
+            request.start,
             end,
             attributes,
             events,
             status,
             message,
         )
+
+
+class _Request(NamedTuple):
+    """What a request's span is made of (ids, times in ns since the epoch, and scope values)."""
+
+    trace_id: int
+    span_id: int
+    parent_id: int
+    start: int
+    end: int
+    code: int
+    method: str
+    path: str
+    scheme: str
+    http_version: str
+    route: str | None
+    query_string: bytes
+    host: bytes
+    user_agent: bytes
+    client: str | None
 
 
 class _ServerSpan:
@@ -558,7 +584,7 @@ class TailSampler:
         self._pending: OrderedDict[int, list[Any]] = OrderedDict()
         self._decided: OrderedDict[int, bool] = OrderedDict()
         self._forced: set[int] = set()
-        self._dropped: OrderedDict[int, tuple[Callable[[], Any], list[Any]]] = OrderedDict()
+        self._dropped: OrderedDict[int, tuple[Callable[[], Any], Any]] = OrderedDict()
         self._lock = threading.Lock()
 
     def on_start(self, span: Any, parent_context: Any = None) -> None:
@@ -595,7 +621,7 @@ class TailSampler:
         only once the blocking callback returned, often after the request it stalled was answered, and
         :meth:`force` then brings the request back."""
         with self._lock:
-            spans = self._pending.pop(trace_id, [])
+            spans: Any = self._pending.pop(trace_id, ())
             keep = self._keep(trace_id, duration_ns, error, spans)
             self._remember(trace_id, keep)
             if not keep:
@@ -637,7 +663,7 @@ class TailSampler:
         if len(self._decided) > _MAX_DECIDED:
             self._decided.popitem(last=False)
 
-    def _keep(self, trace_id: int, duration_ns: int, error: bool, spans: list[Any]) -> bool:
+    def _keep(self, trace_id: int, duration_ns: int, error: bool, spans: Any) -> bool:
         if error or duration_ns >= self.slow_ns or sampled_by_ratio(trace_id, self.bound):
             return True
         if trace_id in self._forced:
