@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import select
@@ -262,6 +263,11 @@ def _serve(config: Any, host: str, port: int, ready_fd: int, telemetry: Any = No
                 await telemetry.unwatch_loop()
 
     server = _Server(config)
+    # The app, its libraries (and the tracing layer's) are loaded: as in a template (below), their
+    # objects live as long as the process, so the collector stops walking them. Without this every
+    # full collection, a few a second under load, rescans the whole import: tens of milliseconds each,
+    # stalling the loop, and twice that with the OpenTelemetry SDK and its protobuf classes loaded.
+    gc.freeze()
     try:
         asyncio.run(server.serve(sockets=[sock]))  # always a new event loop
     except KeyboardInterrupt:
