@@ -96,12 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
             transport.write(data)
         else:
             transport.writelines(data)
-        # request_sent(), inlined: this runs once per request
-        loop = self.state.loop
-        assert loop is not None
-        self.wait_since = loop.time()
-        if self.timer is None:
-            self.timer = loop.call_later(self.state.config.read_timeout, self._check_timeout)
+        self.request_sent()
 
     def request_sent(self) -> None:
         """The (rest of the) request went out: the read timeout counts from now.
