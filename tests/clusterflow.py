@@ -36,10 +36,9 @@ from typing import Any
 import httpx
 
 from control_plane.traces import ROUTER_SERVICE
-from tests.conftest import ROOT, Server, make_server, wait_until
+from tests.conftest import Server, make_server, wait_until
 from tests.test_e2e import copy_example, push
 
-CHART = ROOT / "charts" / "fastapi-deploy"
 ROUTER_PORT, HEALTH_PORT = 8080, 8081
 # Where server-side apply sends each kind the chart's router objects are made of.
 PLURALS = {
@@ -202,14 +201,15 @@ def run(target: Target, platform_image: str, tmp: Path) -> None:
         edge = PortForward(api_client, namespace, router_pod, ROUTER_PORT)
         health = PortForward(api_client, namespace, router_pod, HEALTH_PORT)
         forwards += [edge, health]
-        status = httpx.get(f"{srv.url}/api/v1/admin/status", headers=auth(srv), timeout=10).json()
+        with srv.api() as api:
+            status = api.get("/admin/status").json()
         # Listed by the control plane under its pod's hostname: the pod's name.
         (listed,) = status["router"]["remote"]
         assert listed["name"].startswith(f"{router_pod}-"), status["router"]
 
         # Push: built, pushed, run as a pod by digest; serving once its readiness probe passes.
         out = push(srv, copy_example("hello", tmp), "flow-hello")
-        app = app_of(srv, "flow-hello")
+        app = srv.app_id("flow-hello")
         (pod,) = app_pods(kube, namespace, app)
         assert "@sha256:" in pod["spec"]["containers"][0]["image"]
         host = "flow-hello.localhost"
@@ -309,8 +309,7 @@ def router_objects(
 ) -> list[dict[str, Any]]:
     """The chart's router objects for ``release`` in ``namespace`` (the apps' namespace too), rendered by
     Helm's engine, plus the pull secret for the registry when it needs credentials."""
-    import helm_python as helm
-    import yaml
+    from tests.test_kubernetes_chart import render  # Helm's engine, as the chart's own tests render it
 
     repository, tag = image.rsplit(":", 1)
     values: dict[str, Any] = {
@@ -342,15 +341,7 @@ def router_objects(
                 "data": {".dockerconfigjson": base64.b64encode(json.dumps(config).encode()).decode()},
             }
         )
-    with helm.Chart.load(str(CHART)) as chart:
-        files = chart.render(values, name=release, namespace=namespace)
-    docs = [
-        doc
-        for name, text in sorted(files.items())
-        if name.endswith(".yaml")
-        for doc in yaml.safe_load_all(text)
-        if doc
-    ]
+    docs, _ = render(values, name=release, namespace=namespace)
     fullname = next(d for d in docs if d["kind"] == "Secret")["metadata"]["name"]
     wanted = [
         d
@@ -407,16 +398,6 @@ def app_pods(kube: Any, namespace: str, app_id: str) -> list[dict[str, Any]]:
 def app_deployments(kube: Any, namespace: str, app_id: str) -> list[dict[str, Any]]:
     found, _ = kube.list("Deployment", namespace, label_selector=f"fastapi-deploy.dev/app={app_id}")
     return list(found)
-
-
-def app_of(srv: Server, slug: str) -> str:
-    with srv.api() as api:
-        apps = api.get("/apps/").json()["data"]
-    return str(next(a["id"] for a in apps if a["slug"] == slug))
-
-
-def auth(srv: Server) -> dict[str, str]:
-    return {"Authorization": f"Bearer {srv.admin_token}"}
 
 
 def get(edge: PortForward, host: str, path: str) -> httpx.Response:

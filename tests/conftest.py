@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,6 +47,23 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
     if IN_CI and report.skipped:
         report.outcome = "failed"
         report.longrepr = f"skipped in CI while collected, which is not allowed: {report.longrepr}"
+
+
+def copy_checkout(dest: Path) -> Path:
+    """The repository as git sees it into ``dest``: tracked files and untracked ones not ignored (no
+    .venv, data or caches)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, (f.decode() for f in files)):
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
 
 
 def free_port() -> int:
@@ -137,6 +155,12 @@ class Server:
             headers={"Authorization": f"Bearer {token or self.admin_token}"},
             timeout=30,
         )
+
+    def app_id(self, slug: str) -> str:
+        """The id of the app ``slug`` (as the admin sees it)."""
+        with self.api() as api:
+            apps = api.get("/apps/").json()["data"]
+        return str(next(a["id"] for a in apps if a["slug"] == slug))
 
     def get(self, app_slug: str, path: str = "/", **kw: Any) -> httpx.Response:
         """A request through the router, with the app's Host."""

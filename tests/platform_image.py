@@ -9,7 +9,6 @@ installed from the build context.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import subprocess
 import sys
 import uuid
@@ -17,24 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tests import dockerenv
+from tests.conftest import copy_checkout
 
-ROOT = Path(__file__).resolve().parent.parent
 EXTRAS = "postgres,docker,kubernetes"
 
 
 def context(dest: Path) -> Path:
     """The build context: the repository's tracked files, plus a wheelhouse of everything to install."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    ).stdout.split(b"\0")
-    for name in filter(None, (f.decode() for f in files)):
-        source = ROOT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
+    copy_checkout(dest)
     # The test venv is uv's (no pip in it): a seeded one of the same Python makes the wheels.
     tools = dest.parent / "wheel-tools"
     uv = str(Path(sys.executable).parent / "uv")

@@ -10,13 +10,12 @@ settings (CA bundles, proxies, pip's) are passed through: the runs install from 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, VENV_BIN
+from tests.conftest import VENV_BIN, copy_checkout
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -49,18 +48,7 @@ def uv_cache() -> str:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A copy of the project, without .venv, data or caches."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")
-    dest = tmp_path / "project"
-    for name in filter(None, (f.decode() for f in files)):
-        source = ROOT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
+    dest = copy_checkout(tmp_path / "project")
     assert not (dest / ".venv").exists()
     return dest
 

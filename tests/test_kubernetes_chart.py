@@ -39,9 +39,13 @@ CUSTOM: dict[str, Any] = {
 }
 
 
-def render(values: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+def render(
+    values: dict[str, Any], *, name: str = "fdp", namespace: str = "platform"
+) -> tuple[list[dict[str, Any]], str]:
+    """The chart's manifests for release ``name`` in ``namespace`` (what ``helm template`` prints), and
+    its NOTES.txt."""
     with helm.Chart.load(str(CHART)) as chart:
-        files = chart.render(values, name="fdp", namespace="platform")
+        files = chart.render(values, name=name, namespace=namespace)
     docs = [
         doc
         for name, text in sorted(files.items())

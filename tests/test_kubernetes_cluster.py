@@ -40,6 +40,11 @@ def _unavailable() -> str | None:
         return "no cluster: KUBECONFIG is not set"
     if "@sha256:" not in IMAGE:
         return "FASTAPI_DEPLOY_TEST_K8S_IMAGE must name an image by digest that the cluster can pull"
+    return _unreachable()
+
+
+def _unreachable() -> str | None:
+    """Why the cluster of ``KUBECONFIG`` does not answer (``None``: it does)."""
     try:
         from runtime.backends._k8s_client import Kube
 
@@ -67,13 +72,8 @@ def test_the_whole_flow_on_the_cluster(request: pytest.FixtureRequest, tmp_path:
         if not value
     ]
     assert not missing, f"KUBECONFIG names a cluster but {', '.join(missing)} is not set (docs/KUBERNETES.md)"
-    from runtime.backends._k8s_client import Kube
-
-    kube = Kube(KUBECONFIG)
-    try:
-        kube.request("GET", "/version")
-    finally:
-        kube.close()
+    unreachable = _unreachable()
+    assert unreachable is None, unreachable
     target = clusterflow.Target(
         kubeconfig=Path(KUBECONFIG),
         registry=REGISTRY,

@@ -85,12 +85,6 @@ def pods(cluster: FakeCluster, namespace: str, app_id: str) -> list[dict[str, An
     return [p.to_dict() for p in found.items if not p.metadata.deletion_timestamp]
 
 
-def app_id(server: Server, slug: str) -> str:
-    with server.api() as api:
-        apps = api.get("/apps/").json()["data"]
-    return str(next(a["id"] for a in apps if a["slug"] == slug))
-
-
 def test_push_scale_restart_and_adopt(cluster: FakeCluster, tmp_path: Path) -> None:
     namespace = f"e2e-{uuid.uuid4().hex[:6]}"
     srv = k8s_server(tmp_path / "one", cluster, namespace, FASTAPI_DEPLOY_KUBERNETES_KEEP_ON_CLOSE="1")
@@ -100,7 +94,7 @@ def test_push_scale_restart_and_adopt(cluster: FakeCluster, tmp_path: Path) -> N
         out = push(srv, copy_example("hello", tmp_path), "kube-hello")
         r = srv.get("kube-hello", "/")
         assert r.status_code == 200 and r.json() == {"message": "Hello from fastapi-deploy"}
-        the_app = app_id(srv, "kube-hello")
+        the_app = srv.app_id("kube-hello")
         (pod,) = pods(cluster, namespace, the_app)
         image = pod["spec"]["containers"][0]["image"]
         assert "@sha256:" in image, image  # deployed by digest
@@ -192,7 +186,7 @@ def failover(cluster: FakeCluster, tmp_path: Path, url: str) -> None:
         with second.api() as api:
             assert any(a["slug"] == "ha-hello" for a in api.get("/apps/").json()["data"])
         assert second.get("ha-hello", "/").status_code == 404
-        the_app = app_id(first, "ha-hello")
+        the_app = first.app_id("ha-hello")
         before = {p["metadata"]["name"] for p in pods(cluster, namespace, the_app)}
         # The leader dies without handing over: the follower takes over when the lease runs out.
         first.stop(sig=signal.SIGKILL)
@@ -235,7 +229,7 @@ def test_a_remote_router_follows_the_endpointslices(cluster: FakeCluster, tmp_pa
         srv.cli("login", "--url", srv.url, "--token", srv.admin_token)
         push(srv, copy_example("hello", tmp_path), "sliced")
         srv.cli("scale", "sliced", "--min", "2", "--max", "2", "--prewarm", "0")
-        the_app = app_id(srv, "sliced")
+        the_app = srv.app_id("sliced")
         wait_until(lambda: len(pods(cluster, namespace, the_app)) == 2, 90, what="two pods")
         edge.start("--endpoint-slices", "--namespace", namespace)
         edge.wait_ready()

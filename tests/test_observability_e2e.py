@@ -121,12 +121,6 @@ def shop(traced: Server, tmp_path_factory: pytest.TempPathFactory) -> None:
     )
 
 
-def app_id(server: Server, slug: str) -> str:
-    with server.api() as api:
-        apps = api.get("/apps/").json()["data"]
-    return str(next(a["id"] for a in apps if a["slug"] == slug))
-
-
 def trace_of(server: Server, trace_id: str, services: int) -> dict[str, Any]:
     """The stored trace once spans of ``services`` services (the router counts as one) arrived."""
 
@@ -195,7 +189,7 @@ def test_metrics_move_with_load_and_prometheus_agrees(traced: Server, shop: None
     for i in range(30):
         assert traced.get("gateway", f"/checkout/{1 + i % 2}").status_code == 200
     assert traced.get("gateway", "/boom").status_code == 500
-    gateway = app_id(traced, "gateway")
+    gateway = traced.app_id("gateway")
 
     def moved() -> dict[str, Any] | None:
         with traced.api() as api:
@@ -306,7 +300,7 @@ def test_errors_and_slow_requests_are_kept_the_rest_sampled_away(tmp_path: Path)
         trace_of(srv, ids["slow"], services=2)
         with srv.api() as api:
             assert api.get(f"/traces/{ids['fast']}").status_code == 404
-            kept = api.get(f"/apps/{app_id(srv, 'sampled')}/traces", params={"slow": "true"}).json()["data"]
+            kept = api.get(f"/apps/{srv.app_id('sampled')}/traces", params={"slow": "true"}).json()["data"]
         assert [t["trace_id"] for t in kept] == [ids["slow"]]
     finally:
         srv.stop()
@@ -348,7 +342,7 @@ def test_route_percentiles_are_ordered_and_a_slow_route_is_slower(traced: Server
         assert traced.get("paced", "/fast").status_code == 200
     for _ in range(5):
         assert traced.get("paced", "/slow").status_code == 200
-    paced = app_id(traced, "paced")
+    paced = traced.app_id("paced")
 
     def counted() -> dict[str, dict[str, Any]] | None:
         with traced.api() as api:
