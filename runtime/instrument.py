@@ -21,14 +21,16 @@ contrib instrumentations', recorded by the SDK as children of it.
 Sampling happens at the tail, per trace (:class:`TailSampler`): a trace is exported when a span failed
 or the response was a 5xx, the request took ``FASTAPI_DEPLOY_TRACE_SLOW_MS`` or more, or its id falls
 in ``FASTAPI_DEPLOY_TRACE_SAMPLE`` — the same ratio test on the trace id as the router's, so the edge
-span and the app's spans agree. Export is OTLP/HTTP protobuf over the standard library's ``urllib``
-(the layer brings no HTTP client into the app); a kept server span is plain data written straight to
-protobuf in the exporter thread (:class:`_ServerSpan`), the libraries' spans go through the SDK's encoder.
+span and the app's spans agree. Export is OTLP/HTTP protobuf over the standard library's
+``http.client`` on a kept-alive connection (the layer brings no HTTP client into the app); a kept server
+span is plain data written straight to protobuf in the exporter thread (:class:`_ServerSpan`), the
+libraries' spans go through the SDK's encoder.
 """
 
 from __future__ import annotations
 
 import functools
+import http.client
 import importlib
 import importlib.util
 import itertools
@@ -39,6 +41,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -459,7 +462,18 @@ class _ServerSpan:
         out.append(_string(5, self.name))
         out.append(b"\x30\x02")  # kind: SERVER
         out.append(b"\x39" + _FIXED64.pack(self.start) + b"\x41" + _FIXED64.pack(self.end))
-        out.extend(_message(9, _key_value(key, value)) for key, value in self.attributes.items())
+        cache = _ATTRIBUTES
+        for item in self.attributes.items():
+            if item[0] in _UNCACHED:
+                out.append(_message(9, _key_value(*item)))
+                continue
+            key = (*item, type(item[1]))  # the type too: True == 1 as dict keys
+            field = cache.get(key)
+            if field is None:
+                if len(cache) >= _MAX_CACHED_ATTRIBUTES:
+                    cache.clear()
+                field = cache[key] = _message(9, _key_value(*item))
+            out.append(field)
         for name, at, attributes in self.events:
             event = [b"\x09" + _FIXED64.pack(at), _string(2, name)]
             event.extend(_message(3, _key_value(key, value)) for key, value in attributes.items())
@@ -474,6 +488,12 @@ class _ServerSpan:
 
 
 # -- OTLP protobuf, written directly (the few wire types the server span and the resource need) --------
+
+_ATTRIBUTES: dict[tuple[str, Any, type], bytes] = {}
+"""Span attribute fields as written, by (key, value, type): most repeat from request to request (method,
+status, route, host, client, user agent), and writing one costs ~2 µs. Used by the exporter's thread."""
+_MAX_CACHED_ATTRIBUTES = 4096
+_UNCACHED = frozenset({"url.path", "url.query"})  # a value per request: they would only crowd the cache
 
 _FIXED64 = struct.Struct("<Q")
 _FIXED32 = struct.Struct("<I")
@@ -721,21 +741,79 @@ def _processor(cls: type) -> Any:
     return type(cls.__name__, (cls, SpanProcessor), {})
 
 
-def _exporter(endpoint: str, token: str, resource: Any) -> Any:
-    """An OTLP/HTTP protobuf span exporter on ``urllib`` (one POST per batch, 5 s timeout). The SDK's
-    spans (the libraries', the loop monitor's) go through the SDK's encoder, the server spans
-    (:class:`_ServerSpan`, of ``resource``) through :func:`encode_server_spans`."""
-    import urllib.error
-    import urllib.request
+class _Poster:
+    """POSTs protobuf bodies to one OTLP/HTTP endpoint over a kept-alive ``http.client`` connection
+    (``urllib``'s new connection per batch took about twice the CPU per POST: ~0.4 ms against ~0.2).
 
+    One caller at a time (the exporter's or the metrics pusher's own thread). A connection the receiver
+    closed while idle is noticed on the next POST, which is then sent once more on a new connection."""
+
+    _RETRYABLE = (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine)
+
+    def __init__(self, endpoint: str, token: str, timeout: float = 5.0) -> None:
+        url = urllib.parse.urlsplit(endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"not an http(s) URL: {endpoint!r}")
+        self.endpoint = endpoint
+        self._https = url.scheme == "https"
+        self._address = (url.hostname, url.port)
+        self._target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        self._timeout = timeout
+        self.headers = {"Content-Type": "application/x-protobuf"}
+        if token:
+            self.headers["Authorization"] = f"Bearer {token}"
+        self._conn: http.client.HTTPConnection | None = None
+
+    def post(self, body: bytes) -> None:
+        """Send ``body``; raises ``OSError`` (or ``http.client.HTTPException``) when it was not taken."""
+        reused = self._conn is not None
+        try:
+            status = self._post(body)
+        except self._RETRYABLE:
+            if not reused:
+                raise
+            status = self._post(body)  # the kept-alive connection had been closed by the receiver
+        if not 200 <= status < 300:
+            raise OSError(f"HTTP {status} from {self.endpoint}")
+
+    def _post(self, body: bytes) -> int:
+        conn = self._conn
+        if conn is None:
+            host, port = self._address
+            if self._https:
+                conn = http.client.HTTPSConnection(host, port, timeout=self._timeout)
+            else:
+                conn = http.client.HTTPConnection(host, port, timeout=self._timeout)
+        try:
+            conn.request("POST", self._target, body, self.headers)
+            response = conn.getresponse()
+            response.read()
+        except BaseException:
+            conn.close()
+            self._conn = None
+            raise
+        if response.will_close:
+            conn.close()
+            self._conn = None
+        else:
+            self._conn = conn
+        return response.status
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _exporter(endpoint: str, token: str, resource: Any) -> Any:
+    """An OTLP/HTTP protobuf span exporter on the standard library (:class:`_Poster`, 5 s timeout). The
+    SDK's spans (the libraries', the loop monitor's) go through the SDK's encoder, the server spans
+    (:class:`_ServerSpan`, of ``resource``) through :func:`encode_server_spans`."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
     from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-    headers = {"Content-Type": "application/x-protobuf"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-
     resource_field, scope_field = _resource_and_scope(resource, "fastapi-deploy.instance")
+    poster = _Poster(endpoint, token)
 
     class _Exporter(SpanExporter):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -747,11 +825,9 @@ def _exporter(endpoint: str, token: str, resource: Any) -> Any:
             if len(sdk_spans) < len(spans):
                 ours = [span for span in spans if isinstance(span, _ServerSpan)]
                 body += encode_server_spans(resource_field, scope_field, ours)
-            request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=5) as response:
-                    response.read()
-            except (urllib.error.URLError, OSError) as exc:
+                poster.post(body)
+            except (http.client.HTTPException, OSError) as exc:
                 self.failures += 1
                 if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
                     _say(f"exporting {len(spans)} spans to {endpoint} failed ({self.failures}x): {exc}")
@@ -759,7 +835,7 @@ def _exporter(endpoint: str, token: str, resource: Any) -> Any:
             return SpanExportResult.SUCCESS
 
         def shutdown(self) -> None:
-            pass
+            poster.close()
 
     return _Exporter()
 
@@ -813,6 +889,7 @@ class _MetricsPusher:
     def __init__(self, telemetry: Telemetry) -> None:
         self.telemetry = telemetry
         self.endpoint = telemetry.endpoint.rsplit("/v1/traces", 1)[0] + "/v1/metrics"
+        self._poster = _Poster(self.endpoint, telemetry.token)
         self.started_ns = time.time_ns()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fastapi-deploy-metrics", daemon=True)
@@ -837,17 +914,9 @@ class _MetricsPusher:
         except Exception as exc:
             _say(f"encoding the loop's metrics failed: {exc!r}")
             return
-        import urllib.error
-        import urllib.request
-
-        headers = {"Content-Type": "application/x-protobuf"}
-        if self.telemetry.token:
-            headers["Authorization"] = f"Bearer {self.telemetry.token}"
-        request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                response.read()
-        except (urllib.error.URLError, OSError) as exc:
+            self._poster.post(body)
+        except (http.client.HTTPException, OSError) as exc:
             self.failures += 1
             if self.failures in (1, 10, 100):
                 _say(f"sending the loop's metrics to {self.endpoint} failed ({self.failures}x): {exc}")

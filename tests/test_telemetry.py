@@ -8,6 +8,9 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
+import socketserver
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -525,6 +528,73 @@ def test_server_spans_are_written_as_the_receiver_reads_them() -> None:
     request = ExportTraceServiceRequest()
     request.ParseFromString(instrument.encode_server_spans(*fields, [failed, local]))
     assert [span.flags for span in request.resource_spans[0].scope_spans[0].spans] == [0x300, 0x100]
+
+
+class _Receiver:
+    """A raw HTTP/1.1 receiver on a real socket: records each connection's bodies; answers ``status``;
+    with ``close_after_answer`` it closes every connection once it answered (without saying so in a
+    header, like a server's idle timeout firing between two requests)."""
+
+    def __init__(self) -> None:
+        self.connections: list[list[bytes]] = []
+        self.status = 200
+        self.close_after_answer = False
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _handler(self) -> type[socketserver.StreamRequestHandler]:
+        receiver = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                bodies: list[bytes] = []
+                receiver.connections.append(bodies)
+                while True:
+                    head = b""
+                    while not head.endswith(b"\r\n\r\n"):
+                        line = self.rfile.readline()
+                        if not line:
+                            return
+                        head += line
+                    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+                    bodies.append(self.rfile.read(length))
+                    self.wfile.write(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\n\r\n" % receiver.status)
+                    if receiver.close_after_answer:
+                        return
+
+        return Handler
+
+
+def test_the_exporter_keeps_its_connection_and_reconnects() -> None:
+    """Spans go out on one kept-alive connection; one the receiver closed while idle is replaced and the
+    batch is sent once on the new one; a refusal (non-2xx, nothing listening) is an error, not a retry."""
+    receiver = _Receiver()
+    try:
+        poster = instrument._Poster(receiver.url, "tok")
+        for body in (b"one", b"two", b"three"):
+            poster.post(body)
+        assert receiver.connections == [[b"one", b"two", b"three"]]
+        receiver.close_after_answer = True
+        poster.post(b"four")  # the answer, then the receiver closes: the client cannot know yet
+        time.sleep(0.05)
+        poster.post(b"five")  # on the closed connection first, then once on a new one
+        receiver.close_after_answer = False
+        poster.post(b"six")
+        assert receiver.connections == [[b"one", b"two", b"three", b"four"], [b"five"], [b"six"]]
+        receiver.status = 500
+        with pytest.raises(OSError, match="HTTP 500"):
+            poster.post(b"seven")
+        assert sum(len(bodies) for bodies in receiver.connections) == 7  # sent once, not retried
+        poster.close()
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()
+    with pytest.raises(OSError):
+        instrument._Poster(receiver.url, "").post(b"eight")  # nothing listening any more
+    with pytest.raises(ValueError):
+        instrument._Poster("unix:///tmp/x", "")
 
 
 @dataclass
