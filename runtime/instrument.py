@@ -589,6 +589,33 @@ def sampled_by_ratio(trace_id: int, bound: int) -> bool:
     return (trace_id & 0xFFFFFFFFFFFFFFFF) < bound
 
 
+class _Recent:
+    """A map of the last ``size`` to ``2 * size`` keys set (two generations of plain dicts: when the young
+    one is full it becomes the old one and the old one goes). An ``OrderedDict`` evicting one key per
+    insert costs several times more on the per-request path."""
+
+    __slots__ = ("_old", "_size", "_young")
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._young: dict[int, Any] = {}
+        self._old: dict[int, Any] = {}
+
+    def __setitem__(self, key: int, value: Any) -> None:
+        young = self._young
+        young[key] = value
+        if len(young) >= self._size:
+            self._old, self._young = young, {}
+
+    def get(self, key: int) -> Any:
+        value = self._young.get(key)
+        return self._old.get(key) if value is None else value
+
+    def pop(self, key: int) -> Any:
+        value = self._young.pop(key, None)
+        return self._old.pop(key, None) if value is None else value
+
+
 class TailSampler:
     """A span processor that holds a trace's spans until the trace's request (or other local root)
     ends, then passes them all to ``downstream`` (a BatchSpanProcessor) or drops them all.
@@ -602,9 +629,9 @@ class TailSampler:
         self.bound = _ratio_bound(ratio)
         self.slow_ns = slow_ns
         self._pending: OrderedDict[int, list[Any]] = OrderedDict()
-        self._decided: OrderedDict[int, bool] = OrderedDict()
+        self._decided = _Recent(_MAX_DECIDED)  # trace id -> kept (bool)
         self._forced: set[int] = set()
-        self._dropped: OrderedDict[int, tuple[Callable[[], Any], Any]] = OrderedDict()
+        self._dropped = _Recent(_MAX_DROPPED)  # trace id -> (make_root, spans) of a dropped request
         self._lock = threading.Lock()
 
     def on_start(self, span: Any, parent_context: Any = None) -> None:
@@ -629,7 +656,7 @@ class TailSampler:
                 spans = [*self._pending.pop(trace_id, ()), span]
                 duration = (span.end_time or 0) - (span.start_time or 0)
                 keep = self._keep(trace_id, duration, False, spans)
-                self._remember(trace_id, keep)
+                self._decided[trace_id] = keep
                 batch = spans if keep else []
         for item in batch:
             self.downstream.on_end(item)
@@ -641,13 +668,11 @@ class TailSampler:
         only once the blocking callback returned, often after the request it stalled was answered, and
         :meth:`force` then brings the request back."""
         with self._lock:
-            spans: Any = self._pending.pop(trace_id, ())
+            spans: Any = self._pending.pop(trace_id, ()) if self._pending else ()
             keep = self._keep(trace_id, duration_ns, error, spans)
-            self._remember(trace_id, keep)
+            self._decided[trace_id] = keep
             if not keep:
                 self._dropped[trace_id] = (make_root, spans)
-                if len(self._dropped) > _MAX_DROPPED:
-                    self._dropped.popitem(last=False)
         if keep:
             for item in spans:
                 self.downstream.on_end(item)
@@ -665,7 +690,7 @@ class TailSampler:
             if len(self._forced) > _MAX_DECIDED:
                 self._forced.clear()
             pending = self._pending.pop(trace_id, []) if decided is None else []
-            dropped = self._dropped.pop(trace_id, None)
+            dropped = self._dropped.pop(trace_id)
             if dropped is not None:
                 self._decided[trace_id] = True  # its late spans follow it now
         if dropped is not None:
@@ -678,18 +703,13 @@ class TailSampler:
         for item in [*pending, span]:
             self.downstream.on_end(item)
 
-    def _remember(self, trace_id: int, keep: bool) -> None:
-        self._decided[trace_id] = keep
-        if len(self._decided) > _MAX_DECIDED:
-            self._decided.popitem(last=False)
-
     def _keep(self, trace_id: int, duration_ns: int, error: bool, spans: Any) -> bool:
-        if error or duration_ns >= self.slow_ns or sampled_by_ratio(trace_id, self.bound):
-            return True
-        if trace_id in self._forced:
+        if error or duration_ns >= self.slow_ns or (trace_id & 0xFFFFFFFFFFFFFFFF) < self.bound:
+            return True  # the last test is sampled_by_ratio's, inline: this runs for every request
+        if self._forced and trace_id in self._forced:
             self._forced.discard(trace_id)
             return True
-        return any(span.status.status_code.value == 2 for span in spans)  # StatusCode.ERROR
+        return bool(spans) and any(span.status.status_code.value == 2 for span in spans)  # StatusCode.ERROR
 
     def shutdown(self) -> None:
         self.downstream.shutdown()

@@ -532,13 +532,13 @@ def test_server_spans_are_written_as_the_receiver_reads_them() -> None:
 
 class _Receiver:
     """A raw HTTP/1.1 receiver on a real socket: records each connection's bodies; answers ``status``;
-    with ``close_after_answer`` it closes every connection once it answered (without saying so in a
-    header, like a server's idle timeout firing between two requests)."""
+    after answering a body in ``close_after`` it closes the connection (without saying so in a header,
+    like a server's idle timeout firing between two requests)."""
 
     def __init__(self) -> None:
         self.connections: list[list[bytes]] = []
         self.status = 200
-        self.close_after_answer = False
+        self.close_after: set[bytes] = set()
         self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
@@ -561,7 +561,7 @@ class _Receiver:
                     length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
                     bodies.append(self.rfile.read(length))
                     self.wfile.write(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\n\r\n" % receiver.status)
-                    if receiver.close_after_answer:
+                    if bodies[-1] in receiver.close_after:
                         return
 
         return Handler
@@ -571,24 +571,22 @@ def test_the_exporter_keeps_its_connection_and_reconnects() -> None:
     """Spans go out on one kept-alive connection; one the receiver closed while idle is replaced and the
     batch is sent once on the new one; a refusal (non-2xx, nothing listening) is an error, not a retry."""
     receiver = _Receiver()
+    receiver.close_after = {b"four"}
+    poster = instrument._Poster(receiver.url, "tok")
     try:
-        poster = instrument._Poster(receiver.url, "tok")
-        for body in (b"one", b"two", b"three"):
+        for body in (b"one", b"two", b"three", b"four"):
             poster.post(body)
-        assert receiver.connections == [[b"one", b"two", b"three"]]
-        receiver.close_after_answer = True
-        poster.post(b"four")  # the answer, then the receiver closes: the client cannot know yet
-        time.sleep(0.05)
+        assert receiver.connections == [[b"one", b"two", b"three", b"four"]]
+        time.sleep(0.05)  # the receiver has closed the connection; the client cannot know yet
         poster.post(b"five")  # on the closed connection first, then once on a new one
-        receiver.close_after_answer = False
         poster.post(b"six")
-        assert receiver.connections == [[b"one", b"two", b"three", b"four"], [b"five"], [b"six"]]
+        assert receiver.connections == [[b"one", b"two", b"three", b"four"], [b"five", b"six"]]
         receiver.status = 500
         with pytest.raises(OSError, match="HTTP 500"):
             poster.post(b"seven")
         assert sum(len(bodies) for bodies in receiver.connections) == 7  # sent once, not retried
-        poster.close()
     finally:
+        poster.close()
         receiver.server.shutdown()
         receiver.server.server_close()
     with pytest.raises(OSError):
@@ -644,6 +642,19 @@ def test_tail_sampler_keeps_whole_traces() -> None:
     assert bound == instrument._ratio_bound(0.25)
     assert instrument.sampled_by_ratio(int("0" * 16 + "3fffffffffffffff", 16), bound)
     assert not instrument.sampled_by_ratio(int("f" * 16 + "4000000000000000", 16), bound)
+    quarter = instrument.TailSampler(Sink(), ratio=0.25, slow_ns=10**12)  # the sampler's own (inline) test
+    assert quarter.finish(int("f" * 16 + "3fffffffffffffff", 16), 1, False, root("in"))
+    assert not quarter.finish(int("0" * 16 + "4000000000000000", 16), 1, False, root("out"))
+
+
+def test_recent_decisions_are_bounded() -> None:
+    """The sampler's memory of decided traces keeps the last ``size`` to ``2 * size`` keys, False too."""
+    recent = instrument._Recent(3)
+    for key in range(1, 8):
+        recent[key] = key % 2 == 0
+    assert [recent.get(key) for key in range(1, 8)] == [None, None, None, True, False, True, False]
+    assert recent.pop(4) is True and recent.pop(4) is None and recent.get(4) is None
+    assert recent.pop(7) is False
 
 
 def test_a_block_report_brings_back_the_request_it_stalled() -> None:
