@@ -765,8 +765,9 @@ class _Poster:
     """POSTs protobuf bodies to one OTLP/HTTP endpoint over a kept-alive ``http.client`` connection
     (``urllib``'s new connection per batch took about twice the CPU per POST: ~0.4 ms against ~0.2).
 
-    One caller at a time (the exporter's or the metrics pusher's own thread). A connection the receiver
-    closed while idle is noticed on the next POST, which is then sent once more on a new connection."""
+    Thread-safe (the metrics pusher's last push comes from the shutting-down thread while its own may
+    still be in one). A connection the receiver closed while idle is noticed on the next POST, which is
+    then sent once more on a new connection."""
 
     _RETRYABLE = (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine)
 
@@ -783,9 +784,14 @@ class _Poster:
         if token:
             self.headers["Authorization"] = f"Bearer {token}"
         self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
 
     def post(self, body: bytes) -> None:
         """Send ``body``; raises ``OSError`` (or ``http.client.HTTPException``) when it was not taken."""
+        with self._lock:
+            self._post_once_more(body)
+
+    def _post_once_more(self, body: bytes) -> None:
         reused = self._conn is not None
         try:
             status = self._post(body)
@@ -820,9 +826,10 @@ class _Poster:
         return response.status
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
 
 def _exporter(endpoint: str, token: str, resource: Any) -> Any:
