@@ -10,8 +10,9 @@ every FastAPI app has, is imported lazily for the thread-pool reading, and is op
   threshold, the loop is stuck in one callback: the watchdog samples the loop thread's stack
   (``sys._current_frames()``) every ``sample_interval_s`` while it stays stuck. When the heartbeat wakes
   ``threshold_ms`` or more late, the samples become a ``BlockEvent``: the stack, the innermost frame in
-  user code (not the standard library, not site-packages) and, if the caller gave a context variable,
-  its value in the blocked task (the route or the trace id the caller's middleware set).
+  user code (not the standard library, site-packages or the platform's runtime) and, if the caller gave
+  a context variable, its value in the blocked task (the route or the trace id the caller's middleware
+  set).
 
 Nothing is done per request; the heartbeat costs ~20 wake-ups a second, the watchdog a timestamp compare
 every ``sample_interval_s``. Works with asyncio's loop and with uvloop. A block shorter than the
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import contextvars
 import gc
+import os
 import sys
 import sysconfig
 import threading
@@ -97,8 +99,9 @@ class LoopLagMonitor:
         ``sample_interval_s``: the watchdog's period, and the spacing of stack samples during a stall.
         ``context``: read in the blocked task for each event; ``describe`` turns its value into the
         event's text (default: a string as is, a tuple's items joined by spaces). ``is_user_file``:
-        which frames are the app's own (default: not the standard library, site-packages or this
-        module). ``on_block``: called in the loop's thread with each event."""
+        which frames are the app's own (default: not the standard library, site-packages or the
+        platform's runtime, the files beside this module). ``on_block``: called in the loop's thread
+        with each event."""
         self.threshold_ms = threshold_ms
         self.interval_s = interval_s
         self.sample_interval_s = sample_interval_s
@@ -328,6 +331,9 @@ def _describe(value: object) -> str:
 
 
 def _default_is_user_file(module_file: str = __file__) -> Callable[[str], bool]:
+    # The platform's runtime (the launcher, the instrumentation) sits beside this module: a block in
+    # a library called through it is the library's, not the platform's.
+    platform = os.path.dirname(os.path.abspath(module_file)).rstrip("/") + "/"
     paths = sysconfig.get_paths()
     library = tuple(
         {
@@ -340,7 +346,7 @@ def _default_is_user_file(module_file: str = __file__) -> Callable[[str], bool]:
     def is_user_file(filename: str) -> bool:
         return not (
             filename.startswith("<")
-            or filename == module_file
+            or filename.startswith(platform)
             or filename.startswith(library)
             or "/site-packages/" in filename
             or "/dist-packages/" in filename

@@ -19,7 +19,8 @@ import anyio.to_thread
 import pytest
 import uvloop
 
-from runtime.looplag import BUCKETS_MS, BlockEvent, LoopLagMonitor
+from runtime import instrument, launcher
+from runtime.looplag import BUCKETS_MS, BlockEvent, LoopLagMonitor, _default_is_user_file
 
 ROUTE: contextvars.ContextVar[str] = contextvars.ContextVar("route")
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -129,6 +130,15 @@ def test_the_user_frame_skips_the_standard_library() -> None:
     expected_line = _wait_in_stdlib.__code__.co_firstlineno + 1
     assert event.user_frame == f"{__file__}:{expected_line}:_wait_in_stdlib"
     assert event.context is None
+
+
+def test_the_platforms_own_frames_are_not_the_apps() -> None:
+    # A block in FastAPI called through the instrumentation's ASGI wrapper was blamed on the wrapper
+    # (runtime/instrument.py, the innermost frame outside site-packages).
+    is_user_file = _default_is_user_file()
+    assert is_user_file(__file__)
+    assert not is_user_file(instrument.__file__) and not is_user_file(launcher.__file__)
+    assert not is_user_file(threading.__file__)
 
 
 def test_a_tuple_context_as_the_launcher_keeps_it() -> None:
