@@ -44,7 +44,7 @@ import traceback
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 # (module the app must have, instrumentor "module:Class"); each applied only when both import.
 _LIBRARIES = (
@@ -60,11 +60,15 @@ _MAX_PENDING_TRACES = 10_000
 _METRICS_SECONDS = 10.0  # how often the loop's lag histogram is sent
 _MAX_DECIDED = 20_000
 _MAX_DROPPED = 256  # dropped requests a block report can still bring back (the last few)
-_HEX = frozenset(b"0123456789abcdef")
 
 
 def _say(message: str) -> None:
     print(f"fastapi-deploy: {message}", file=sys.stderr, flush=True)
+
+
+def _block_ms() -> float:
+    """How long a callback must hold the event loop to be reported as a block."""
+    return float(os.environ.get("FASTAPI_DEPLOY_LOOP_BLOCK_MS", "100") or 100)
 
 
 def _own_opentelemetry() -> str | None:
@@ -88,12 +92,15 @@ class Telemetry:
         self.late: Any = None
         self.sampler: TailSampler | None = None
         self.instrumented: list[str] = []
+        self.request_ids: Callable[[], tuple[str, str]] | None = None  # once wrap() put ServerSpans in
 
     # -- step 2: the app ---------------------------------------------------------------------------
 
     def wrap(self, config: Any) -> None:
-        """Put the server-span middleware around the loaded app (``uvicorn.Config`` after ``load()``)."""
+        """Put the server-span middleware around the loaded app (``uvicorn.Config`` after ``load()``).
+        It also notes the request's ids for the access log (:func:`request_ids`)."""
         config.loaded_app = ServerSpans(config.loaded_app, self)
+        self.request_ids = request_ids
 
     # -- step 3: exporting -------------------------------------------------------------------------
 
@@ -124,7 +131,9 @@ class Telemetry:
         )
         ratio = float(env.get("FASTAPI_DEPLOY_TRACE_SAMPLE", "0.1") or 0.1)
         slow_ms = float(env.get("FASTAPI_DEPLOY_TRACE_SLOW_MS", "500") or 500)
-        self.sampler = _processor(TailSampler)(batch, ratio=ratio, slow_ns=int(slow_ms * 1e6))
+        self.sampler = _processor(TailSampler)(
+            batch, ratio=ratio, slow_ns=int(slow_ms * 1e6), block_ns=int(_block_ms() * 1e6)
+        )
         provider.add_span_processor(self.sampler)
         # Not the global provider: the platform's tracing stays out of the app's own OpenTelemetry (its
         # providers, FastAPI's native telemetry and its per-operation spans stay as the app set them).
@@ -142,9 +151,11 @@ class Telemetry:
             return
         try:
             module = _sibling("looplag")
-            threshold = float(os.environ.get("FASTAPI_DEPLOY_LOOP_BLOCK_MS", "100") or 100)
             self.monitor = module.LoopLagMonitor(
-                threshold_ms=threshold, context=CURRENT_SPAN, describe=_describe_span, on_block=self._blocked
+                threshold_ms=_block_ms(),
+                context=CURRENT_SPAN,
+                describe=_describe_span,
+                on_block=self._blocked,
             )
             self.monitor.start()
         except Exception as exc:
@@ -283,37 +294,50 @@ class ServerSpans:
     def __init__(self, app: Any, telemetry: Telemetry) -> None:
         self.app = app
         self.telemetry = telemetry
-        from opentelemetry import context, trace
-        from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+        from opentelemetry import context
+        from opentelemetry.trace import SpanContext, TraceFlags
 
         self._attach, self._detach = context.attach, context.detach
-        self._set_span = trace.set_span_in_context
         self._span_context = SpanContext
-        self._non_recording = NonRecordingSpan
         self._sampled = TraceFlags(TraceFlags.SAMPLED)
+        # The libraries' spans need the request's span as the current one. Where OpenTelemetry keeps its
+        # context in a context variable (its default), the request's span is made only when something
+        # asks for the current context (:func:`_derive_request_context`); otherwise it is attached.
+        self._contexts = _derive_request_context()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         sampler = self.telemetry.sampler
         if scope["type"] != "http" or sampler is None:
             await self.app(scope, receive, send)
             return
+        # Per request, as little as can be: every line here runs for every request, sampled or not
+        # (in a ~250 µs request each C call costs about a microsecond, a context variable set five).
         trace_id = parent_id = 0
-        host = user_agent = b""
+        request_id = b"-"
         for name, value in scope["headers"]:
             if name == b"traceparent":
-                if len(value) == 55 and _HEX.issuperset(value[3:35]) and _HEX.issuperset(value[36:52]):
-                    trace_id, parent_id = int(value[3:35], 16), int(value[36:52], 16)
-            elif name == b"host":
-                host = value
-            elif name == b"user-agent":
-                user_agent = value
+                # version-traceid-parentid-flags in hex (int() alone would also take "+", "_", " ")
+                if len(value) == 55 and value[3:35].isalnum() and value[36:52].isalnum():
+                    try:
+                        trace_id, parent_id = int(value[3:35], 16), int(value[36:52], 16)
+                    except ValueError:
+                        pass
+            elif name == b"x-request-id":
+                request_id = value
         if not trace_id:
             trace_id = random.getrandbits(128) or 1
         span_id = random.getrandbits(64) or 1
-        token = self._attach(
-            self._set_span(self._non_recording(self._span_context(trace_id, span_id, False, self._sampled)))
-        )
-        current = CURRENT_SPAN.set((trace_id, span_id))
+        # One context variable for all that asks which request this is: OpenTelemetry's current
+        # context (derived from it), the loop monitor, the access log (:data:`CURRENT_SPAN`).
+        contexts = self._contexts
+        if contexts is not None:
+            token = None
+            current = CURRENT_SPAN.set([trace_id, span_id, contexts.get(), None, request_id])
+        else:
+            token = self._attach(
+                _request_context(self._span_context(trace_id, span_id, False, self._sampled))
+            )
+            current = CURRENT_SPAN.set([trace_id, span_id, None, None, request_id])
         status = [0]
 
         async def send_status(message: Any) -> None:
@@ -329,59 +353,62 @@ class ServerSpans:
             failure = exc
             raise
         finally:
-            self._detach(token)
+            if token is not None:
+                self._detach(token)
             CURRENT_SPAN.reset(current)
             end = time.time_ns()
             code = status[0] or (500 if failure is not None else 0)
             error = code >= 500 or (failure is not None and not isinstance(failure, _CANCELLED))
-            client = scope.get("client")
-            # Facts, not the scope: a dropped request waits in the sampler's short list (a late block
-            # report may bring it back), and a scope there would keep the request's objects alive into
-            # the collector's oldest generation, which then runs far more often.
-            request = _Request(
+            # The span is built only if the trace is kept (or held for a late block report), at once.
+            sampler.finish(
+                trace_id,
+                end - start,
+                error,
+                self._span,
+                scope,
                 trace_id,
                 span_id,
                 parent_id,
                 start,
                 end,
                 code,
-                scope.get("method", "GET"),
-                scope.get("path", ""),
-                scope.get("scheme", "http"),
-                scope.get("http_version", "1.1"),
-                getattr(scope.get("route"), "path", None),  # Starlette >= 0.34 says which route matched
-                scope.get("query_string", b""),
-                host,
-                user_agent,
-                client[0] if client else None,
-            )
-            sampler.finish(
-                trace_id,
-                end - start,
-                error,
-                functools.partial(self._span, request, failure if error else None),
+                failure if error else None,
             )
 
-    def _span(self, request: _Request, failure: BaseException | None) -> _ServerSpan:
-        """The kept request's span (:class:`_ServerSpan`: plain data, encoded by the exporter thread)."""
-        method, route, code, end = request.method, request.route, request.code, request.end
+    def _span(
+        self,
+        scope: Any,
+        trace_id: int,
+        span_id: int,
+        parent_id: int,
+        start: int,
+        end: int,
+        code: int,
+        failure: BaseException | None,
+    ) -> _ServerSpan:
+        """The request's span (:class:`_ServerSpan`: plain data, encoded by the exporter thread)."""
+        method = scope.get("method", "GET")
+        route = getattr(scope.get("route"), "path", None)  # Starlette >= 0.34 says which route matched
         attributes: dict[str, Any] = {
             "http.request.method": method,
-            "url.path": request.path,
-            "url.scheme": request.scheme,
-            "network.protocol.version": request.http_version,
+            "url.path": scope.get("path", ""),
+            "url.scheme": scope.get("scheme", "http"),
+            "network.protocol.version": scope.get("http_version", "1.1"),
             "http.response.status_code": code,
         }
         if route:
             attributes["http.route"] = route
-        if request.query_string:
-            attributes["url.query"] = request.query_string.decode("latin-1")
-        if request.host:
-            attributes["server.address"] = request.host.decode("latin-1").rsplit(":", 1)[0]
-        if request.user_agent:
-            attributes["user_agent.original"] = request.user_agent.decode("latin-1")
-        if request.client:
-            attributes["client.address"] = request.client
+        query = scope.get("query_string", b"")
+        if query:
+            attributes["url.query"] = query.decode("latin-1")
+        for name, value in scope["headers"]:
+            if name == b"host":
+                attributes["server.address"] = value.decode("latin-1").rsplit(":", 1)[0]
+            elif name == b"user-agent":
+                attributes["user_agent.original"] = value.decode("latin-1")
+        client = scope.get("client")
+        if client:
+            attributes["client.address"] = client[0]
         events: list[tuple[str, int, dict[str, Any]]] = []
         status, message = 0, ""
         if failure is not None and not isinstance(failure, _CANCELLED):
@@ -395,36 +422,16 @@ class ServerSpans:
         elif code >= 500:
             status, message = 2, f"HTTP {code}"
         return _ServerSpan(
-            self._span_context(request.trace_id, request.span_id, False, self._sampled),
-            request.parent_id,
+            self._span_context(trace_id, span_id, False, self._sampled),
+            parent_id,
             f"{method} {route}" if route else method,
-            request.start,
+            start,
             end,
             attributes,
             events,
             status,
             message,
         )
-
-
-class _Request(NamedTuple):
-    """What a request's span is made of (ids, times in ns since the epoch, and scope values)."""
-
-    trace_id: int
-    span_id: int
-    parent_id: int
-    start: int
-    end: int
-    code: int
-    method: str
-    path: str
-    scheme: str
-    http_version: str
-    route: str | None
-    query_string: bytes
-    host: bytes
-    user_agent: bytes
-    client: str | None
 
 
 class _ServerSpan:
@@ -624,14 +631,19 @@ class TailSampler:
     only if kept; or :meth:`on_end` of an SDK span that is a local root (work outside a request).
     Thread-safe: sync endpoints end their spans on worker threads."""
 
-    def __init__(self, downstream: Any, *, ratio: float, slow_ns: int) -> None:
+    def __init__(self, downstream: Any, *, ratio: float, slow_ns: int, block_ns: int = 100_000_000) -> None:
+        """``block_ns``: the loop monitor's threshold. A dropped request that took this long or longer
+        is held for a moment, its span built (a late block report may bring it back); a shorter one
+        cannot have been stalled by a block that long, and nothing of it is built."""
         self.downstream = downstream
         self.bound = _ratio_bound(ratio)
         self.slow_ns = slow_ns
+        self.block_ns = block_ns
+        self._quick_ns = min(slow_ns, block_ns)
         self._pending: OrderedDict[int, list[Any]] = OrderedDict()
         self._decided = _Recent(_MAX_DECIDED)  # trace id -> kept (bool)
         self._forced: set[int] = set()
-        self._dropped = _Recent(_MAX_DROPPED)  # trace id -> (make_root, spans) of a dropped request
+        self._dropped = _Recent(_MAX_DROPPED)  # trace id -> (root span, spans) of a dropped request
         self._lock = threading.Lock()
 
     def on_start(self, span: Any, parent_context: Any = None) -> None:
@@ -661,25 +673,44 @@ class TailSampler:
         for item in batch:
             self.downstream.on_end(item)
 
-    def finish(self, trace_id: int, duration_ns: int, error: bool, make_root: Callable[[], Any]) -> bool:
+    def finish(
+        self, trace_id: int, duration_ns: int, error: bool, make_root: Callable[..., Any], *args: Any
+    ) -> bool:
         """The request of ``trace_id`` is done: keep or drop its spans; returns whether it was kept.
+        ``make_root(*args)`` builds the request's own span, called (at once) only if it is needed.
 
-        A dropped request stays in a short list for a moment: the event-loop monitor reports a block
-        only once the blocking callback returned, often after the request it stalled was answered, and
-        :meth:`force` then brings the request back."""
+        A dropped request of ``block_ns`` or longer stays in a short list for a moment: the event-loop
+        monitor reports a block only once the blocking callback returned, often after the request it
+        stalled was answered, and :meth:`force` then brings the request back."""
+        if (
+            duration_ns < self._quick_ns  # neither slow nor long enough to have been stalled
+            and not error
+            and (trace_id & 0xFFFFFFFFFFFFFFFF) >= self.bound  # sampled_by_ratio's test, inline
+            and not self._pending  # no span of a library to look at (nor of another request)
+            and not self._forced
+        ):
+            # The common case: nothing to keep, nothing to build. Without the lock: at worst a racing
+            # generation swap of _Recent loses a decision, and a late span of that trace is held.
+            self._decided[trace_id] = False
+            return False
         with self._lock:
             spans: Any = self._pending.pop(trace_id, ()) if self._pending else ()
             keep = self._keep(trace_id, duration_ns, error, spans)
             self._decided[trace_id] = keep
-            if not keep:
-                self._dropped[trace_id] = (make_root, spans)
-        if keep:
-            for item in spans:
-                self.downstream.on_end(item)
+        if keep or duration_ns >= self.block_ns:
             try:
-                self.downstream.on_end(make_root())
+                root = make_root(*args)
             except Exception as exc:  # never the request's problem
                 _say(f"a server span could not be recorded: {exc!r}")
+                root = None
+            if not keep:
+                with self._lock:
+                    self._dropped[trace_id] = (root, spans)
+                return False
+            for item in spans:
+                self.downstream.on_end(item)
+            if root is not None:
+                self.downstream.on_end(root)
         return keep
 
     def force(self, trace_id: int, span: Any) -> None:
@@ -694,12 +725,10 @@ class TailSampler:
             if dropped is not None:
                 self._decided[trace_id] = True  # its late spans follow it now
         if dropped is not None:
-            make_root, children = dropped
+            root, children = dropped
             pending = [*children, *pending]
-            try:
-                pending.append(make_root())
-            except Exception as exc:
-                _say(f"a server span could not be recorded: {exc!r}")
+            if root is not None:
+                pending.append(root)
         for item in [*pending, span]:
             self.downstream.on_end(item)
 
@@ -868,8 +897,18 @@ def _exporter(endpoint: str, token: str, resource: Any) -> Any:
 
 
 CURRENT_SPAN: Any = None
-"""contextvars.ContextVar[(trace_id, span_id)] of the request being served (the loop monitor reads it
-in the blocked task)."""
+"""contextvars.ContextVar of the request being served, ``[trace_id, span_id, base, derived, request_id]``:
+the loop monitor reads it in the blocked task, :func:`_derive_request_context` the context it derives
+from (``base``) and the one it derived, :func:`request_ids` the router's ``X-Request-ID`` (bytes)."""
+
+
+def request_ids() -> tuple[str, str]:
+    """(request id, trace id) of the request being served, ("-", "-") outside one: the launcher's
+    access-log lines end with them."""
+    request = CURRENT_SPAN.get()
+    if request is None:
+        return "-", "-"
+    return request[4].decode("latin-1"), f"{request[0]:032x}"
 
 
 def _init_context() -> None:
@@ -883,8 +922,55 @@ _init_context()
 
 
 def _describe_span(value: Any) -> str:
-    trace_id, span_id = value
-    return f"{trace_id:032x} {span_id:016x}"
+    return f"{value[0]:032x} {value[1]:016x}"
+
+
+def _request_context(span_context: Any, parent: Any = None) -> Any:
+    """An OpenTelemetry context whose current span is the request's (a non-recording span: cheap)."""
+    from opentelemetry import trace
+
+    return trace.set_span_in_context(trace.NonRecordingSpan(span_context), parent)
+
+
+def _derive_request_context() -> Any:
+    """Make OpenTelemetry's current context, inside a request, derive from the request's span: returns
+    the context variable OpenTelemetry keeps its context in, or None where it keeps it elsewhere (a
+    runtime context of the app's choosing: the request's context is then attached per request).
+
+    Attaching a context costs every request ~5 µs, sampled or not, while most never ask for it (an app
+    without instrumented libraries, or a request that made no query). So the request only notes its ids
+    and the context current when it began (:data:`CURRENT_SPAN`); the first ``get_current()`` inside the
+    request, while nothing else was attached, makes the request's context from them, once. What the app
+    or a library attaches in the request derives from that, and stays theirs."""
+    from opentelemetry import context
+    from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    runtime = getattr(context, "_RUNTIME_CONTEXT", None)
+    if getattr(runtime, "request_variable", None) is CURRENT_SPAN:  # done already (another app)
+        return runtime._current_context  # type: ignore[union-attr]
+    # Another runtime context, or another copy of this module's (loaded twice in one process).
+    if type(runtime) is not ContextVarsRuntimeContext or not hasattr(runtime, "_current_context"):
+        return None
+    make = functools.partial(SpanContext, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+
+    class RequestRuntimeContext(ContextVarsRuntimeContext):
+        request_variable = CURRENT_SPAN
+
+        def get_current(self) -> Any:
+            current = self._current_context.get()
+            request = CURRENT_SPAN.get()
+            if request is None or request[2] is not current:
+                return current
+            derived = request[3]
+            if derived is None:
+                derived = request[3] = _request_context(make(request[0], request[1]), current)
+            return derived
+
+    derived = RequestRuntimeContext.__new__(RequestRuntimeContext)
+    derived.__dict__.update(runtime.__dict__)  # the same context variable: what is attached stays
+    context._RUNTIME_CONTEXT = derived
+    return derived._current_context
 
 
 class _suppress:

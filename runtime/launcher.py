@@ -161,14 +161,19 @@ def _make_config(app: str, root_path: str) -> Any:
 # -- request correlation: the access log says which request (and trace) each line is ----------------
 
 _REQUEST: Any = None  # contextvars.ContextVar[tuple[str, str]], created on first use
+_IDS: Any = None  # with tracing on: the server spans' own note of the request's ids (one variable, not two)
 
 
 class _RequestFilter:
     """Gives every access-log record the ``request_id`` and ``trace_id`` of the request being served
-    (set by :class:`_Correlate`; "-" outside a request)."""
+    (set by :class:`_Correlate`, or with tracing on by ``instrument.ServerSpans``; "-" outside a
+    request)."""
 
     def filter(self, record: Any) -> bool:
-        request_id, trace_id = _REQUEST.get() if _REQUEST is not None else ("-", "-")
+        if _IDS is not None:
+            request_id, trace_id = _IDS()
+        else:
+            request_id, trace_id = _REQUEST.get() if _REQUEST is not None else ("-", "-")
         record.request_id = request_id
         record.trace_id = trace_id
         return True
@@ -225,16 +230,19 @@ def _serve(config: Any, host: str, port: int, ready_fd: int, telemetry: Any = No
     """Bind, run uvicorn until it is told to stop, report readiness after the lifespan startup."""
     import uvicorn
 
+    global _IDS
     if not config.loaded:
         config.load()  # an import error exits here, as uvicorn would (its message is in the output)
-    if _REQUEST is not None and not isinstance(config.loaded_app, _Correlate):
-        config.loaded_app = _Correlate(config.loaded_app)
     if telemetry is not None:
         try:
             telemetry.start()  # its exporter thread: here, never in a template (threads don't fork)
         except Exception as exc:
             print(f"fastapi-deploy: tracing is off: {exc!r}", file=sys.stderr, flush=True)
             telemetry = None
+    if telemetry is not None and getattr(telemetry, "request_ids", None) is not None:
+        _IDS = telemetry.request_ids  # the server spans note the ids already
+    elif _REQUEST is not None and not isinstance(config.loaded_app, _Correlate):
+        config.loaded_app = _Correlate(config.loaded_app)
 
     # proto=IPPROTO_TCP matters: asyncio (and uvloop) only set TCP_NODELAY on accepted sockets whose
     # proto says TCP; with proto 0, Nagle plus the client's delayed ACK add ~40 ms to every response.

@@ -315,9 +315,15 @@ def test_tracing_can_be_turned_off(tmp_path: Path) -> None:
         project.mkdir()
         (project / "main.py").write_text(textwrap.dedent(SLOW_APP))
         push(srv, project, "untraced")
-        trace_id = srv.get("untraced", "/fast").headers["x-trace-id"]
+        response = srv.get("untraced", "/fast")
+        trace_id, request_id = response.headers["x-trace-id"], response.headers["x-request-id"]
         trace = trace_of(srv, trace_id, services=1)  # the edge span only: nothing in the instance
         assert {s["service"] for s in trace["spans"]} == {"fastapi-deploy-router"}
+        # Untraced, the launcher notes the request's ids for the access log itself.
+        found = wait_until(
+            lambda: srv.cli_ndjson("logs", "untraced", "--request-id", request_id), 20, what="the access line"
+        )
+        assert "/fast" in found[0]["message"] and found[0]["trace_id"] == trace_id
         assert not (srv.data_dir / "otel").exists() or not any((srv.data_dir / "otel").iterdir())
         status = subprocess.run(
             [CLI, "status", "untraced", "--json"], env=srv.env, capture_output=True, text=True, check=True

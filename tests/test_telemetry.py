@@ -645,6 +645,11 @@ def test_tail_sampler_keeps_whole_traces() -> None:
     quarter = instrument.TailSampler(Sink(), ratio=0.25, slow_ns=10**12)  # the sampler's own (inline) test
     assert quarter.finish(int("f" * 16 + "3fffffffffffffff", 16), 1, False, root("in"))
     assert not quarter.finish(int("0" * 16 + "4000000000000000", 16), 1, False, root("out"))
+    # The quick way out (no span pending, nothing forced) still remembers the trace as dropped.
+    quick = 0x5000_0000_0000_0011  # low 64 bits beyond the quarter's bound
+    assert not quarter._pending and not quarter.finish(quick, 1, False, root("quick"))
+    quarter.on_end(FakeSpan(quick, local))  # a late span of it: dropped, not held as pending
+    assert not quarter._pending and roots[-1] == "in"
 
 
 def test_recent_decisions_are_bounded() -> None:
@@ -661,11 +666,24 @@ def test_a_block_report_brings_back_the_request_it_stalled() -> None:
     """The loop monitor reports a block after the blocking callback returned, often after the request
     was answered and dropped: forcing its trace exports the request's spans after all."""
     sink = Sink()
-    sampler = instrument.TailSampler(sink, ratio=0.0, slow_ns=10**12)
+    sampler = instrument.TailSampler(sink, ratio=0.0, slow_ns=10**12, block_ns=100_000_000)
     child = FakeSpan(7, FakeParent(False))
     sampler.on_end(child)
-    assert sampler.finish(7, 1_000, False, lambda: "request span") is False
-    assert sink.got == []
+    built: list[str] = []
+
+    def root(name: str) -> str:
+        built.append(name)
+        return name
+
+    # As long as the block at least: held, its span built at once (plain data, not the request's scope).
+    assert sampler.finish(7, 150_000_000, False, root, "request span") is False
+    assert sink.got == [] and built == ["request span"]
+    # Shorter than any block: no block can have stalled it, and nothing of it is built or held.
+    assert sampler.finish(9, 99_000_000, False, root, "fast") is False
+    assert built == ["request span"]
+    sampler.force(9, "block of 9")  # type: ignore[arg-type]
+    assert sink.got == ["block of 9"]
+    sink.got.clear()
     sampler.force(7, "block span")  # type: ignore[arg-type]
     assert sink.got == [child, "request span", "block span"]
     late = FakeSpan(7, FakeParent(False))
@@ -675,6 +693,72 @@ def test_a_block_report_brings_back_the_request_it_stalled() -> None:
     sampler.force(8, "block of 8")  # type: ignore[arg-type]
     assert sampler.finish(8, 1_000, False, lambda: "request of 8")
     assert sink.got[-2:] == ["block of 8", "request of 8"]
+
+
+def test_the_request_span_is_the_current_context_inside_the_request_only() -> None:
+    """ServerSpans attaches no context per request: OpenTelemetry's current context derives from the
+    request's ids when asked (by the app, an instrumented library, a worker thread of a sync endpoint),
+    what the app attaches inside stays its own, and nothing is left over after the request."""
+    import asyncio
+
+    from opentelemetry import context, trace
+
+    sink = Sink()
+    telemetry = instrument.Telemetry("http://127.0.0.1:9/v1/traces", "")
+    telemetry.sampler = instrument.TailSampler(sink, ratio=1.0, slow_ns=10**12)
+    seen: dict[str, Any] = {}
+
+    def ids() -> tuple[int, int]:
+        span_context = trace.get_current_span().get_span_context()
+        return span_context.trace_id, span_context.span_id
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen["first"] = ids()
+        seen["once"] = context.get_current() is context.get_current()
+        # The app's own span (as a library's would be: made from the current one, attached, detached).
+        parent = trace.get_current_span().get_span_context()
+        own = trace.NonRecordingSpan(trace.SpanContext(parent.trace_id, 0xABC, False))
+        token = context.attach(trace.set_span_in_context(own))
+        seen["inside"] = ids()
+        context.detach(token)
+        seen["after"] = ids()
+        seen["thread"] = await asyncio.to_thread(ids)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def request(traceparent: bytes) -> None:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/q",
+            "headers": [(b"host", b"a.localhost:8000"), (b"traceparent", traceparent)],
+            "client": ("127.0.0.1", 1),
+        }
+        await instrument.ServerSpans(app, telemetry)(scope, receive, send)
+
+    trace_id, parent_id = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7
+    asyncio.run(request(b"00-%032x-%016x-01" % (trace_id, parent_id)))
+    [root] = sink.got
+    assert (root.context.trace_id, root.parent_id) == (trace_id, parent_id)
+    span_id = root.context.span_id
+    assert seen["first"] == seen["after"] == seen["thread"] == (trace_id, span_id) and seen["once"]
+    assert seen["inside"] == (trace_id, 0xABC)
+    assert root.attributes["server.address"] == "a.localhost" and root.name == "GET"
+    # Outside a request: no current span; a malformed traceparent starts a new trace.
+    assert not trace.get_current_span().get_span_context().is_valid
+    assert getattr(context._RUNTIME_CONTEXT, "request_variable", None) is instrument.CURRENT_SPAN
+    hex_id, hex_parent = b"%032x" % trace_id, b"%016x" % parent_id
+    for bad in (b"+", b"_", b"g", b" "):  # int(..., 16) takes the first two (and spaces around)
+        malformed = b"00-" + bad + hex_id[1:] + b"-" + hex_parent + b"-01"
+        assert len(malformed) == 55
+        asyncio.run(request(malformed))
+        assert sink.got[-1].context.trace_id != trace_id and sink.got[-1].parent_id == 0, malformed
 
 
 def test_alert_rules_scale_their_windows_with_the_slo() -> None:
