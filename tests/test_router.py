@@ -172,7 +172,9 @@ class AppServer:
 
     def __init__(self, name: str) -> None:
         self.app = App(name)
-        self.sock = socket.socket()
+        # IPPROTO_TCP, as the launcher: asyncio sets TCP_NODELAY only on accepted sockets whose proto says
+        # TCP; with 0, Nagle and the client's delayed ACK add ~40 ms to each response of two writes.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.bind(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
         config = uvicorn.Config(

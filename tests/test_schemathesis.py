@@ -3,7 +3,8 @@ operation gets generated requests, valid (positive) and invalid (negative); no a
 every answer must match the schema the API publishes (body shapes, content types).
 
 Twice: as a *member* of a team (a second user, no platform rights: the admin API, owner-only and
-admin-only actions answer 403), and as the platform admin. Random ids only ever reach 404s, so half of
+admin-only actions answer 403), every operation; and as the platform admin, the operations a member is
+refused (the admin API, the teams'). Random ids only ever reach 404s, so half of
 the generated requests get the ids of real things instead, made for the run in a team of its own: an
 app with an env var, a deployment (cancelled: its build log ends at once), a deploy token, a spare
 member and a spare user token (so a generated reset, role change or revocation never locks the run's
@@ -38,6 +39,9 @@ pytestmark = pytest.mark.e2e
 
 MAX_EXAMPLES = {GenerationMode.POSITIVE: 10, GenerationMode.NEGATIVE: 5}
 EXCLUDED = {("POST", "/api/v1/logout")}
+# The admin's run: what a member is refused (the platform admin's API, a team's members and settings);
+# the member's run covers every other operation with the same typed answers.
+ADMIN_RUN = ("/api/v1/admin", "/api/v1/teams")
 NO_REAL_IDS = {("GET", "/api/v1/apps/{app_id}/logs/stream")}
 
 
@@ -119,7 +123,7 @@ def test_api_conforms_to_its_schema(server: Server, caller: str) -> None:
     for result in schema.get_all_operations():
         operation = result.ok()
         key = (operation.method.upper(), operation.path)
-        if key in EXCLUDED:
+        if key in EXCLUDED or (caller == "admin" and not operation.path.startswith(ADMIN_RUN)):
             continue
         operations += 1
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -149,7 +153,7 @@ def test_api_conforms_to_its_schema(server: Server, caller: str) -> None:
                 assert mode is GenerationMode.NEGATIVE  # nothing of this operation can be made invalid
             except (Exception, BaseExceptionGroup) as exc:  # schemathesis' FailureGroup
                 failures.append(f"{operation.method.upper()} {operation.path} ({mode.value}): {exc}"[:3000])
-    assert operations >= 40
+    assert operations >= (40 if caller == "member" else 15), operations
     assert not failures, "\n\n".join(failures)
     # The run reached real resources (typed 2xx answers were checked), and the member was refused some.
     assert sum(n for status, n in statuses.items() if 200 <= status < 300) >= 50, statuses
