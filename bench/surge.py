@@ -131,10 +131,11 @@ class Watcher:
 
     def __init__(self, server: BenchServer, app_id: str) -> None:
         self.client = httpx.AsyncClient(
-            base_url=f"{server.url}/api/v1", headers={"Authorization": f"Bearer {server.token}"}, timeout=10
+            base_url=f"{server.url}/api/v1", headers={"Authorization": f"Bearer {server.token}"}, timeout=60
         )
         self.app_id = app_id
         self.timeline: list[tuple[float, int, int]] = []
+        self.slowest = 0.0  # the slowest answer of the control plane's API while the load ran
         self._task: asyncio.Task[None] | None = None
 
     async def state(self) -> dict[str, int]:
@@ -144,7 +145,9 @@ class Watcher:
 
     async def _run(self) -> None:
         while True:
+            asked = time.monotonic()
             current = await self.state()
+            self.slowest = max(self.slowest, time.monotonic() - asked)
             self.timeline.append(
                 (time.monotonic(), int(current.get("serving", 0)), int(current.get("warm", 0)))
             )
@@ -218,7 +221,7 @@ async def scenario(
     finally:
         await load.set_clients(0)
         await watcher.stop()
-    after = (await api.get(f"/apps/{app_id}/scaling")).json()["current"]
+    after = (await api.get(f"/apps/{app_id}/scaling", timeout=60)).json()["current"]
     await api.aclose()
     print_table(phases)
     print(f"  first added capacity after each step up: {', '.join(steps)}")
@@ -227,6 +230,7 @@ async def scenario(
         f"pool hits: {after['pool_hits']}, serving now {after['serving']}, warm {after['warm']}"
     )
     print(f"  instances over time (serving/warm): {compress(watcher.timeline)}")
+    print(f"  slowest answer of the control plane's API (polled every 0.1 s): {watcher.slowest * 1e3:.0f} ms")
 
 
 async def from_zero(server: BenchServer, app_id: str, slug: str, args: argparse.Namespace) -> None:
@@ -270,24 +274,27 @@ def print_table(phases: list[Phase]) -> None:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
 
 
-async def run_all(server: BenchServer, app_id: str, args: argparse.Namespace) -> None:
+async def run_all(server: BenchServer, apps: dict[str, str], args: argparse.Namespace) -> None:
+    # An app of its own per scenario: each starts at its floor (one instance, its pool full), not with
+    # what the one before scaled up to (scaling down takes the stable window, 60 s).
     for prewarm in (0, 3):
         print(f"\nprewarm {prewarm}")
-        await scenario(server, app_id, "surge", prewarm, args)
+        slug = f"surge-{prewarm}"
+        await scenario(server, apps[slug], slug, prewarm, args)
     print("\nfrom zero")
-    await from_zero(server, app_id, "surge", args)
+    await from_zero(server, apps["surge-zero"], "surge-zero", args)
 
 
-def deploy(server: BenchServer, project: Path) -> str:
+def deploy(server: BenchServer, project: Path, slug: str) -> str:
     subprocess.run(
-        [CLI, "push", str(project), "--app", "surge", "--json"],
+        [CLI, "push", str(project), "--app", slug, "--json"],
         env=server.cli_env(),
         check=True,
         capture_output=True,
     )
     headers = {"Authorization": f"Bearer {server.token}"}
     apps = httpx.get(f"{server.url}/api/v1/apps/", headers=headers).json()
-    return str(next(a["id"] for a in apps["data"] if a["slug"] == "surge"))
+    return str(next(a["id"] for a in apps["data"] if a["slug"] == slug))
 
 
 def main() -> None:
@@ -305,12 +312,12 @@ def main() -> None:
         project.mkdir()
         (project / "main.py").write_text(APP)
         with running(Path(tmp) / "server") as server:
-            app_id = deploy(server, project)
+            apps = {slug: deploy(server, project, slug) for slug in ("surge-0", "surge-3", "surge-zero")}
             print(
                 f"handler {HANDLER_SECONDS * 1e3:.0f} ms, target_concurrency 10, "
                 f"{args.low} -> {args.high} clients, {args.period:g} s per phase, {args.cycles} cycles"
             )
-            asyncio.run(run_all(server, app_id, args))
+            asyncio.run(run_all(server, apps, args))
 
 
 if __name__ == "__main__":

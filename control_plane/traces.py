@@ -201,11 +201,22 @@ class Traces:
             batch, self._pending = self._pending, []
         if batch:
             rows = [_row(app_id, span) for app_id, span in batch]
+            traces: dict[tuple[str, str], list[Span]] = {}
+            for row in rows:
+                traces.setdefault((row.trace_id, row.app_id), []).append(row)
             with self.db.session() as s:
                 s.add_all(rows)
                 s.flush()
-                for trace_id, app_id in {(r.trace_id, r.app_id) for r in rows}:
-                    self._summarize(s, trace_id, app_id)
+                # A trace's spans mostly arrive in one batch (an instance's, with the edge spans kept
+                # for it): its summary is made from the batch. Only a trace summarized before is read
+                # back whole (a query per trace was ~2 ms of this thread's CPU, with the GIL: under a
+                # surge of sampled traces the event loop, and with it the API, starved for seconds).
+                known = self._summarized(s, traces)
+                for (trace_id, app_id), spans in traces.items():
+                    if (trace_id, app_id) in known:
+                        self._summarize(s, trace_id, app_id)
+                    else:
+                        s.add(_summary(trace_id, app_id, spans, None))
                 s.commit()
             self.counts["stored"] += len(rows)
         now = time.time()
@@ -214,25 +225,24 @@ class Traces:
             self._retain(now)
 
     @staticmethod
+    def _summarized(s: Any, traces: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of ``traces`` (trace id, app id) have a summary already: one query per 500 ids."""
+        wanted = set(traces)
+        ids = sorted({trace_id for trace_id, _ in wanted})
+        known: set[tuple[str, str]] = set()
+        for start in range(0, len(ids), 500):
+            query = select(TraceSummary.trace_id, TraceSummary.app_id).where(
+                col(TraceSummary.trace_id).in_(ids[start : start + 500])
+            )
+            known.update(key for key in s.exec(query).all() if key in wanted)
+        return known
+
+    @staticmethod
     def _summarize(s: Any, trace_id: str, app_id: str) -> None:
+        """The summary of a trace made again from all its stored spans."""
         spans = s.exec(select(Span).where(Span.trace_id == trace_id, Span.app_id == app_id)).all()
-        if not spans:
-            return
-        entry = min(spans, key=lambda sp: (_entry_rank(sp), sp.start_ns))
-        attrs = json.loads(entry.attributes or "{}")
-        status = attrs.get("http.response.status_code", attrs.get("http.status_code", 0))
-        summary = s.get(TraceSummary, (trace_id, app_id)) or TraceSummary(
-            trace_id=trace_id, app_id=app_id, started_at=datetime.now(UTC)
-        )
-        summary.started_at = datetime.fromtimestamp(min(sp.start_ns for sp in spans) / 1e9, UTC)
-        summary.duration_ms = round(max(0, entry.end_ns - entry.start_ns) / 1e6, 3)
-        summary.name = entry.name
-        summary.route = str(attrs.get("http.route", ""))
-        summary.method = str(attrs.get("http.request.method", attrs.get("http.method", "")))
-        summary.http_status = int(status) if isinstance(status, int) else 0
-        summary.error = any(sp.status_code == 2 for sp in spans) or summary.http_status >= 500
-        summary.span_count = len(spans)
-        s.add(summary)
+        if spans:
+            s.add(_summary(trace_id, app_id, spans, s.get(TraceSummary, (trace_id, app_id))))
 
     def _retain(self, now: float) -> None:
         cutoff_ns = int((now - self.retention_seconds) * 1e9)
@@ -410,6 +420,24 @@ def _edge_span(record: tuple[Any, ...]) -> SpanData:
         resource={"service.name": ROUTER_SERVICE, "fastapi_deploy.app_id": app_id},
         scope="fastapi-deploy.router",
     )
+
+
+def _summary(trace_id: str, app_id: str, spans: list[Span], summary: TraceSummary | None) -> TraceSummary:
+    """``summary`` (or a new one) set from all of a trace's spans in one app."""
+    entry = min(spans, key=lambda sp: (_entry_rank(sp), sp.start_ns))
+    attrs = json.loads(entry.attributes or "{}")
+    status = attrs.get("http.response.status_code", attrs.get("http.status_code", 0))
+    if summary is None:
+        summary = TraceSummary(trace_id=trace_id, app_id=app_id, started_at=datetime.now(UTC))
+    summary.started_at = datetime.fromtimestamp(min(sp.start_ns for sp in spans) / 1e9, UTC)
+    summary.duration_ms = round(max(0, entry.end_ns - entry.start_ns) / 1e6, 3)
+    summary.name = entry.name
+    summary.route = str(attrs.get("http.route", ""))
+    summary.method = str(attrs.get("http.request.method", attrs.get("http.method", "")))
+    summary.http_status = int(status) if isinstance(status, int) else 0
+    summary.error = any(sp.status_code == 2 for sp in spans) or summary.http_status >= 500
+    summary.span_count = len(spans)
+    return summary
 
 
 def _row(app_id: str, span: SpanData) -> Span:

@@ -396,6 +396,27 @@ def test_edge_spans_are_kept_for_errors_slow_and_the_ratio(db: Database) -> None
     assert edge["fastapi_deploy.upstream_ms"] == pytest.approx(9.0, abs=0.5)
 
 
+def test_a_trace_in_two_batches_is_summarized_from_all_its_spans(db: Database) -> None:
+    """A batch's new traces are summarized from the batch; a trace that has a summary already (its
+    spans came in two exports) is summarized again from everything stored."""
+    traces = Traces(db, sample_ratio=1.0)
+    trace_id = "c" * 32
+    server = _span(trace_id=trace_id, span_id="1" * 16, end_ns=_NOW + 20_000_000)
+    traces.ingest("app1", [server, _span(trace_id="d" * 32, attributes={"http.response.status_code": 503})])
+    traces.flush()
+    first = {t["trace_id"]: t for t in traces.list("app1")}
+    assert first[trace_id]["span_count"] == 1 and first[trace_id]["duration_ms"] == 20.0
+    assert first["d" * 32]["error"] and first["d" * 32]["http_status"] == 503
+    late = _span(trace_id=trace_id, span_id="2" * 16, parent_span_id="1" * 16, kind=3, status_code=2)
+    traces.ingest("app1", [late])
+    traces.ingest("app2", [_span(trace_id=trace_id, span_id="3" * 16)])  # the same trace in another app
+    traces.flush()
+    again = {t["trace_id"]: t for t in traces.list("app1")}[trace_id]
+    assert again["span_count"] == 2 and again["error"] and again["duration_ms"] == 20.0
+    assert again["name"] == "GET /"  # the server span still speaks for it, not the late client span
+    assert [t["span_count"] for t in traces.list("app2")] == [1]
+
+
 def test_trace_retention_by_age_and_count(db: Database) -> None:
     traces = Traces(db, retention_seconds=3600, max_spans_per_app=3)
     now = time.time_ns()
