@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -58,6 +59,8 @@ class Forecaster:
         self.db = db
         self._apps: dict[str, _AppTraffic] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Two closes of one slot can be written by two worker threads at once (both would insert).
+        self._persisting = threading.Lock()
 
     def load(self) -> None:
         with self.db.session() as s:
@@ -98,10 +101,12 @@ class Forecaster:
         task.add_done_callback(self._tasks.discard)
 
     def _persist(self, app_id: str, slot: int, peak: float, weeks: int) -> None:
-        with self.db.session() as s:
+        with self._persisting, self.db.session() as s:
             row = s.get(TrafficSlot, (app_id, slot))
             if row is None:
                 row = TrafficSlot(app_id=app_id, slot=slot)
+            elif row.weeks > weeks:
+                return  # a later close of the slot was written first: it already holds this one
             row.peak, row.weeks, row.updated_at = peak, weeks, utcnow()
             s.add(row)
             s.commit()
