@@ -1,11 +1,12 @@
 """Traffic surges against the autoscaler: a square wave of concurrent clients, with and without a warm pool,
 and a surge from zero.
 
-Run it with ``.venv/bin/python bench/surge.py [--period S] [--low N] [--high N] [--cycles N]``.
-It starts its own server on loopback, deploys an app whose handler sleeps 20 ms (``target_concurrency``
-10), and steps the number of concurrent keep-alive clients from ``--low`` to ``--high`` and back,
-``--cycles`` times, for ``prewarm`` 0 and ``prewarm`` 3; then lets the app scale to zero and sends a
-burst. Per phase it prints p50/p95/p99, errors, requests that met a cold start (``X-Cold-Start``), the
+Run it with ``.venv/bin/python bench/surge.py [--period S] [--low N] [--high N] [--cycles N]
+[--zero-rounds N]``. It starts its own server on loopback and deploys an app whose handler sleeps 20 ms
+(``target_concurrency`` 10) three times. First, while nothing else runs, ``--zero-rounds`` times: the
+app scales to zero, then ``--low`` clients arrive at once. Then it steps the number of concurrent
+keep-alive clients from ``--low`` to ``--high`` and back, ``--cycles`` times, for ``prewarm`` 0 and
+``prewarm`` 3. Per phase it prints p50/p95/p99, errors, requests that met a cold start (``X-Cold-Start``), the
 instances over time, and the time from each step up to the first added capacity (an instance routed
 beyond what served before the step).
 
@@ -234,6 +235,8 @@ async def scenario(
 
 
 async def from_zero(server: BenchServer, app_id: str, slug: str, args: argparse.Namespace) -> None:
+    """``--zero-rounds`` times: wait until the app has no instance at all, then ``--low`` clients at once
+    for 3 s; a row per round (its max is the first requests' wait for the start)."""
     api = httpx.AsyncClient(
         base_url=f"{server.url}/api/v1", headers={"Authorization": f"Bearer {server.token}"}
     )
@@ -245,14 +248,18 @@ async def from_zero(server: BenchServer, app_id: str, slug: str, args: argparse.
         current = (await api.get(f"/apps/{app_id}/scaling")).json()["current"]
         return current["serving"] == 0 and current["warm"] == 0 and current["starting"] == 0
 
-    await wait_for(zero, 120, "scale to zero")
-    load = Load(server.router_port, f"{slug}.localhost:{server.router_port}")
-    load.phase = Phase(f"from zero ({args.low} clients, 3 s)")
-    await load.set_clients(args.low)
-    await asyncio.sleep(3)
-    await load.set_clients(0)
+    phases = []
+    for n in range(args.zero_rounds):
+        await wait_for(zero, 120, "scale to zero")
+        await asyncio.sleep(1)  # the stopped instances' exits are not part of the start
+        load = Load(server.router_port, f"{slug}.localhost:{server.router_port}")
+        load.phase = Phase(f"from zero #{n + 1} ({args.low} clients, 3 s)")
+        phases.append(load.phase)
+        await load.set_clients(args.low)
+        await asyncio.sleep(3)
+        await load.set_clients(0)
     await api.aclose()
-    print_table([load.phase])
+    print_table(phases)
 
 
 def compress(timeline: list[tuple[float, int, int]]) -> str:
@@ -275,14 +282,16 @@ def print_table(phases: list[Phase]) -> None:
 
 
 async def run_all(server: BenchServer, apps: dict[str, str], args: argparse.Namespace) -> None:
+    # From zero first, while nothing else runs: what it measures is the start, not a machine still busy
+    # with the surges' twenty instances (their scale-down comes 60 s after the load).
+    print("\nfrom zero")
+    await from_zero(server, apps["surge-zero"], "surge-zero", args)
     # An app of its own per scenario: each starts at its floor (one instance, its pool full), not with
     # what the one before scaled up to (scaling down takes the stable window, 60 s).
     for prewarm in (0, 3):
         print(f"\nprewarm {prewarm}")
         slug = f"surge-{prewarm}"
         await scenario(server, apps[slug], slug, prewarm, args)
-    print("\nfrom zero")
-    await from_zero(server, apps["surge-zero"], "surge-zero", args)
 
 
 def deploy(server: BenchServer, project: Path, slug: str) -> str:
@@ -306,6 +315,7 @@ def main() -> None:
     parser.add_argument("--period", type=float, default=10.0, help="seconds per phase")
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--max", type=int, default=10, help="max_instances")
+    parser.add_argument("--zero-rounds", type=int, default=3, help="surges from zero (default 3)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fdp-surge-") as tmp:
         project = Path(tmp) / "surge"
